@@ -1,0 +1,37 @@
+"""megatron-tst: Token-Superposition Training on top of megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-tst",
+    version="0.1.0",
+    description="Megatron-Core pre-training with Token-Superposition Training (TST)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_tst", "megatron_tst.*"]),
+    include_package_data=True,
+    package_data={"megatron_tst": ["py.typed"]},
+    install_requires=[
+        # torch is installed first, explicitly (`pip install torch==2.13.0` on CPU machines, the
+        # NGC image's build on GPU clusters), so this range never pulls a second torch build.
+        "torch>=2.4",
+        # 0.16.1 is what Python 3.11 resolves; the 0.19 line is what Python 3.12 GPU images get.
+        "megatron-core>=0.16.1,<0.20",
+        "psutil",  # dist_checkpointing's async writer needs it (undeclared by megatron-core)
+        "sentencepiece>=0.2",
+        "numpy",
+        "PyYAML>=6",
+        "wandb",
+        "tqdm",
+    ],
+    extras_require={
+        "demo": ["gensim==4.4.0"],  # ships the real English demo corpus (Wikipedia pages, news)
+        "hf": ["tokenizers>=0.15"],
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest>=7", "pytest-timeout", "gensim==4.4.0", "tokenizers>=0.15", "tensorboard"],
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["megatron-tst=megatron_tst.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
