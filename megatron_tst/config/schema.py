@@ -1,0 +1,278 @@
+"""Typed run configuration: one dataclass per concern, strict keys, cross-field validation.
+
+Every field is reachable from YAML (``section.key``) and from the command line as a dotted
+override (``optimizer.lr=1e-3``). ``RunConfig.validate`` checks combinations that would only fail
+deep inside megatron-core (heads vs hidden size, parallel sizes vs world size, ...) before any
+work starts; the loader attaches the file each offending key came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_tst.config.errors import ConfigError
+
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder built by megatron-core's ``GPTModel``."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # grouped-query attention; None = one KV head per head
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // num_attention_heads
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    seq_length: int = 128
+    vocab_size: Optional[int] = None  # None = the tokenizer's; padded for TP and kernels
+    make_vocab_size_divisible_by: int = 128
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    position_embedding: Literal["rope", "none"] = "rope"
+    rotary_base: int = 10000
+    qk_layernorm: bool = False
+    untie_embeddings: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    params_dtype: Precision = "float32"
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    # Mixture of experts (None = dense).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 0.0
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    moe_grouped_gemm: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; the data-parallel size is what the world size leaves."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
+
+
+@dataclass
+class TokenizerConfig:
+    type: Literal["sentencepiece", "huggingface"] = "sentencepiece"
+    path: Optional[str] = None  # .model (sentencepiece) or tokenizer.json (huggingface)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from: the bundled demo corpus or megatron indexed datasets."""
+
+    source: Literal["demo", "indexed"] = "indexed"
+    # Indexed dataset prefixes (path without .bin/.idx). Several prefixes are blended; weights
+    # are optional and given in the same order.
+    train_paths: list[str] = field(default_factory=list)
+    train_weights: Optional[list[float]] = None
+    valid_paths: list[str] = field(default_factory=list)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    demo_vocab_size: int = 4096  # tokenizer trained on the demo corpus when source=demo
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8  # samples per optimizer step, over all data-parallel ranks
+    eval_interval: int = 50  # 0 = never
+    eval_steps: int = 4  # validation batches per evaluation
+    log_interval: int = 10
+    # Stop (after saving a checkpoint) once this step is done, although the LR schedule runs to
+    # train_steps: for time-boxed jobs and resume tests. None = run to train_steps.
+    exit_at_step: Optional[int] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through megatron-core's ``get_megatron_optimizer``."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    """Warmup-stable-decay over the whole run (both TST phases share one schedule)."""
+
+    warmup_steps: int = 10
+    decay_fraction: float = 0.1  # fraction of train_steps spent decaying, at the end
+    decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    final_lr: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None = <run_dir>/checkpoints
+    save_interval: int = 0  # steps; 0 = only at the end
+    save_final: bool = True
+    keep_last: int = 2  # 0 = keep all
+    load: str = "auto"  # auto: latest in dir if any | none | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True  # offline unless WANDB_API_KEY is set
+    wandb_project: str = "megatron-tst"
+    tensorboard: bool = False
+    log_memory: bool = False
+
+
+@dataclass
+class TSTConfig:
+    """Token-Superposition Training: filled in by the TST work; empty means standard training."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tst: TSTConfig = field(default_factory=TSTConfig)
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir.replace("${name}", self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.resolved_run_dir}/checkpoints"
+
+    def data_parallel_size(self, world_size: int) -> int:
+        p = self.parallel
+        return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Raise ``ConfigError`` for impossible combinations; ``world_size`` adds layout checks."""
+        m, p, t = self.model, self.parallel, self.training
+
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(msg, key=key, value=_get(self, key))
+
+        for key in (
+            "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
+            "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+            "parallel.expert_model_parallel_size", "training.train_steps",
+            "training.micro_batch_size", "training.global_batch_size", "training.eval_steps",
+            "training.log_interval", "model.make_vocab_size_divisible_by",
+        ):
+            if _get(self, key) < 1:
+                fail(key, "must be a positive integer")
+        for key in ("training.eval_interval", "checkpoint.save_interval", "checkpoint.keep_last",
+                    "schedule.warmup_steps", "data.num_workers"):
+            if _get(self, key) < 0:
+                fail(key, "must be >= 0")
+        if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+            fail("model.num_attention_heads",
+                 f"must divide model.hidden_size={m.hidden_size} (or set model.kv_channels)")
+        if m.num_query_groups is not None and (
+            m.num_query_groups < 1 or m.num_attention_heads % m.num_query_groups
+        ):
+            fail("model.num_query_groups",
+                 f"must divide model.num_attention_heads={m.num_attention_heads}")
+        tp = p.tensor_model_parallel_size
+        if m.num_attention_heads % tp:
+            fail("parallel.tensor_model_parallel_size",
+                 f"must divide model.num_attention_heads={m.num_attention_heads}")
+        if (m.num_query_groups or m.num_attention_heads) % tp:
+            fail("parallel.tensor_model_parallel_size",
+                 f"must divide model.num_query_groups={m.num_query_groups}")
+        if m.num_layers % p.pipeline_model_parallel_size:
+            fail("parallel.pipeline_model_parallel_size",
+                 f"must divide model.num_layers={m.num_layers}")
+        if p.sequence_parallel and tp == 1:
+            fail("parallel.sequence_parallel", "needs parallel.tensor_model_parallel_size > 1")
+        if m.num_moe_experts is None:
+            if p.expert_model_parallel_size != 1:
+                fail("parallel.expert_model_parallel_size", "needs model.num_moe_experts to be set")
+        else:
+            if m.num_moe_experts % p.expert_model_parallel_size:
+                fail("parallel.expert_model_parallel_size",
+                     f"must divide model.num_moe_experts={m.num_moe_experts}")
+            if not 1 <= m.moe_router_topk <= m.num_moe_experts:
+                fail("model.moe_router_topk", f"must be in [1, model.num_moe_experts={m.num_moe_experts}]")
+        if m.vocab_size is not None and m.vocab_size < 1:
+            fail("model.vocab_size", "must be positive (or null to take the tokenizer's)")
+        if not 0.0 <= self.schedule.decay_fraction <= 1.0:
+            fail("schedule.decay_fraction", "must be in [0, 1]")
+        if self.optimizer.lr <= 0:
+            fail("optimizer.lr", "must be positive")
+        if not 0 <= self.schedule.final_lr <= self.optimizer.lr:
+            fail("schedule.final_lr", f"must be in [0, optimizer.lr={self.optimizer.lr}]")
+        decay = round(self.schedule.decay_fraction * t.train_steps)
+        if self.schedule.warmup_steps >= t.train_steps or self.schedule.warmup_steps + decay > t.train_steps:
+            fail("schedule.warmup_steps",
+                 f"warmup plus decay ({decay} steps) exceeds training.train_steps={t.train_steps}")
+        if self.data.source == "indexed":
+            if not self.data.train_paths:
+                fail("data.train_paths", "is empty: give indexed dataset prefixes or set data.source=demo")
+            if self.data.tokenizer.path is None:
+                fail("data.tokenizer.path", "is required when data.source=indexed")
+        w = self.data.train_weights
+        if w is not None and (len(w) != len(self.data.train_paths) or min(w) <= 0):
+            fail("data.train_weights", "needs one positive weight per entry of data.train_paths")
+        if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.train_steps:
+            fail("training.exit_at_step", f"must be in [1, training.train_steps={t.train_steps}]")
+        lo = self.checkpoint.load
+        if lo not in ("auto", "none") and not lo:
+            fail("checkpoint.load", "must be 'auto', 'none' or a checkpoint directory")
+        if world_size is not None:
+            self.validate_layout(world_size)
+
+    def validate_layout(self, world_size: int) -> None:
+        p, t = self.parallel, self.training
+        model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"the world size {world_size} is not divisible by tensor x pipeline parallel size "
+                f"{model_parallel}: launch a multiple of {model_parallel} processes",
+                key="parallel.tensor_model_parallel_size", value=p.tensor_model_parallel_size)
+        dp = world_size // model_parallel
+        if dp % p.expert_model_parallel_size:
+            raise ConfigError(
+                f"must divide the data-parallel size {dp} (world size {world_size})",
+                key="parallel.expert_model_parallel_size", value=p.expert_model_parallel_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"must be a multiple of training.micro_batch_size x data-parallel size = "
+                f"{t.micro_batch_size} x {dp}",
+                key="training.global_batch_size", value=t.global_batch_size)
+
+
+def _get(cfg: object, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
