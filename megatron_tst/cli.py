@@ -1,0 +1,118 @@
+"""``megatron-tst``: train | demo | preprocess | inspect.
+
+Single process: ``megatron-tst train configs/x.yaml key=value ...``. Several processes:
+``torchrun --nproc-per-node N -m megatron_tst.cli train configs/x.yaml ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_tst.config import ConfigError, load_config
+
+RECIPES = Path(__file__).resolve().parent.parent / "configs"
+DEMO_RECIPE = RECIPES / "demo-cpu.yaml"
+
+
+def _cmd_train(args) -> int:
+    from megatron_tst.training.distributed import destroy_distributed
+    from megatron_tst.training.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg)
+    finally:
+        destroy_distributed()
+    _print_summary(cfg, result)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    recipe = Path(args.config) if args.config else DEMO_RECIPE
+    if not recipe.is_file():
+        raise ConfigError(f"the demo recipe {recipe} is missing; run from a source checkout "
+                          f"(pip install -e '.[demo]') or pass --config PATH")
+    args.config = str(recipe)
+    return _cmd_train(args)
+
+
+def _print_summary(cfg, result) -> None:
+    import os
+
+    if int(os.environ.get("RANK", 0)) != int(os.environ.get("WORLD_SIZE", 1)) - 1:
+        return
+    print(f"\nrun '{cfg.name}' finished at step {result.step} in {result.wall_time_s:.1f} s")
+    if result.train_loss is not None:
+        print(f"  final training loss   {result.train_loss:.4f}")
+    if result.valid_loss is not None:
+        print(f"  final validation loss {result.valid_loss:.4f}")
+    print(f"  data tokens consumed  {result.consumed_tokens:,}")
+    print(f"  checkpoint            {result.checkpoint}")
+    print(f"  metrics               {Path(cfg.resolved_run_dir) / 'metrics.jsonl'}")
+
+
+def _cmd_preprocess(args) -> int:
+    from megatron_tst.data.preprocess import run_preprocess
+
+    return run_preprocess(args)
+
+
+def _cmd_inspect(args) -> int:
+    from megatron_tst.training.checkpoint import latest_checkpoint
+
+    path = Path(args.checkpoint)
+    if (path / "latest").is_file():
+        path = latest_checkpoint(path)
+    if not (path / "metadata.json").is_file():
+        raise ConfigError(f"{path} is not a megatron-tst checkpoint (no metadata.json)")
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    print(json.dumps({"path": str(path), "train_state": common["train_state"],
+                      "scheduler": common["scheduler"], "run_config": common["run_config"]},
+                     indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-tst", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML recipe")
+    p.add_argument("config", help="YAML recipe, e.g. configs/demo-cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-3")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="train the tiny recipe on the bundled English corpus (CPU)")
+    p.add_argument("--config", default=None, help=f"recipe (default {DEMO_RECIPE.name})")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.train_steps=50")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("preprocess", help="tokenize text/JSONL into megatron indexed datasets")
+    from megatron_tst.data.preprocess import add_preprocess_arguments
+
+    add_preprocess_arguments(p)
+    p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("inspect", help="print a checkpoint's train state and run config")
+    p.add_argument("checkpoint", help="a step_* directory or a checkpoint root")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"megatron-tst: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Train/validation samples from megatron-core ``GPTDataset`` and a resumable batch order.
+
+Sample order is a pure function of the consumed-sample count: the global batch of step ``k`` is
+samples ``[k*G, (k+1)*G)`` of the (megatron-shuffled) dataset, and data-parallel rank ``r`` takes
+its contiguous share of it, split into micro-batches. Resuming therefore only needs the count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from megatron_tst.config import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Who reads which samples: global batch, micro-batch, data-parallel rank and size."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def microbatch_indices(self, consumed_samples: int) -> list[list[int]]:
+        """Dataset indices of this rank's micro-batches for the step starting at consumed_samples."""
+        per_rank = self.global_batch_size // self.dp_size
+        start = consumed_samples + self.dp_rank * per_rank
+        mbs = self.micro_batch_size
+        return [list(range(start + i * mbs, start + (i + 1) * mbs))
+                for i in range(self.num_microbatches)]
+
+
+def _blend(paths: Sequence[str], weights: Optional[Sequence[float]], key: str):
+    for prefix in paths:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ConfigError(f"indexed dataset file {prefix + suffix} not found; give the "
+                                  f"prefix written by `megatron-tst preprocess --output-prefix`",
+                                  key=key, value=prefix)
+    return (list(paths), list(weights) if weights is not None else None)
+
+
+def build_gpt_datasets(*, train_paths: Sequence[str], train_weights: Optional[Sequence[float]],
+                       valid_paths: Sequence[str], tokenizer, sequence_length: int, seed: int,
+                       num_train_samples: int, num_valid_samples: int, cache_dir: str):
+    """(train, valid) megatron ``GPTDataset``s of ``sequence_length``-token samples.
+
+    Validation uses ``valid_paths`` when given, else a 2% split of the training blend.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    common = dict(
+        random_seed=seed,
+        sequence_length=sequence_length,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=cache_dir,
+        mid_level_dataset_surplus=0.005,
+    )
+    train_blend = _blend(train_paths, train_weights, "data.train_paths")
+    if valid_paths:
+        config = GPTDatasetConfig(
+            blend_per_split=[train_blend, _blend(valid_paths, None, "data.valid_paths"), None],
+            **common)
+    else:
+        config = GPTDatasetConfig(blend=train_blend, split="98,2,0", **common)
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_train_samples, num_valid_samples, 0], lambda: True, config).build()
+    return train, valid
+
+
+class MicrobatchSampler:
+    """Index lists of this rank's micro-batches, step after step, from ``consumed_samples``."""
+
+    def __init__(self, layout: BatchLayout, consumed_samples: int, num_steps: Optional[int] = None):
+        self.layout, self.consumed_samples, self.num_steps = layout, consumed_samples, num_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        consumed, step = self.consumed_samples, 0
+        while self.num_steps is None or step < self.num_steps:
+            yield from self.layout.microbatch_indices(consumed)
+            consumed += self.layout.global_batch_size
+            step += 1
+
+
+def iterate_microbatches(dataset, layout: BatchLayout, consumed_samples: int,
+                         num_steps: Optional[int] = None, num_workers: int = 0) -> Iterator[dict]:
+    """Micro-batches (dicts of stacked tensors) for consecutive steps from ``consumed_samples``."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=MicrobatchSampler(layout, consumed_samples, num_steps),
+        num_workers=num_workers, collate_fn=collate, persistent_workers=False,
+        prefetch_factor=4 if num_workers else None)
+    return iter(loader)
+
+
+def collate(samples: list[dict]) -> dict:
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+            for key in samples[0] if samples[0][key] is not None}

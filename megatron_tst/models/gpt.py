@@ -1,0 +1,140 @@
+"""Llama-style megatron-core ``GPTModel`` from a ``ModelConfig``.
+
+RMSNorm, SwiGLU, RoPE, grouped-query attention, untied input embedding and LM head, optional
+qk-norm and MoE. The layer spec is transformer-engine's when TE is importable and working,
+megatron-core's local spec otherwise (CPU machines, or ``model.transformer_impl: local``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_tst.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's rule: pad so every TP shard of the embedding has the same, aligned width."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine_available() -> bool:
+    """TE is used only where it imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
+    except Exception:  # a broken TE install must not take the run down
+        return False
+    return bool(HAVE_TE)
+
+
+def resolve_transformer_impl(cfg: RunConfig) -> str:
+    impl = cfg.model.transformer_impl
+    if impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise ConfigError("transformer-engine is not importable (or no CUDA device): install the "
+                          "'gpu' extra inside the NGC image, or set model.transformer_impl=local",
+                          key="model.transformer_impl", value=impl)
+    return impl
+
+
+def build_transformer_config(cfg: RunConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    dtype = DTYPES[m.params_dtype]
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        use_cpu_initialization=on_cpu,
+        num_moe_experts=m.num_moe_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        moe_grouped_gemm=m.moe_grouped_gemm,
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def build_layer_spec(cfg: RunConfig, impl: str):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    m = cfg.model
+    if impl == "transformer_engine":
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=m.num_moe_experts, moe_grouped_gemm=m.moe_grouped_gemm,
+            qk_layernorm=m.qk_layernorm)
+    if cfg.parallel.sequence_parallel:
+        raise ConfigError("sequence parallelism needs the transformer-engine layer spec here; "
+                          "set parallel.sequence_parallel=false or run with transformer-engine",
+                          key="parallel.sequence_parallel", value=True)
+    return specs.get_gpt_layer_local_spec(
+        num_experts=m.num_moe_experts, moe_grouped_gemm=m.moe_grouped_gemm,
+        qk_layernorm=m.qk_layernorm, normalization=m.normalization)
+
+
+def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] = None,
+                post_process: Optional[bool] = None):
+    """One model chunk for this pipeline stage (parallel_state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    impl = resolve_transformer_impl(cfg)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = GPTModel(
+        config=build_transformer_config(cfg),
+        transformer_layer_spec=build_layer_spec(cfg, impl),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
+        position_embedding_type=cfg.model.position_embedding,
+        rotary_base=cfg.model.rotary_base,
+    )
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

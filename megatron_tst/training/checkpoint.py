@@ -1,0 +1,265 @@
+"""Checkpoints through megatron-core ``dist_checkpointing``.
+
+Layout of ``checkpoint.dir``::
+
+    latest                  name of the newest complete checkpoint (written last, atomically)
+    step_0000100/           one dist checkpoint: model, optimizer, LR schedule, train state
+        run_config.yaml     the resolved run config, human-readable
+        ...                 megatron's sharded files (resharding-capable across TP/PP/DP)
+
+A checkpoint is only ever referenced by ``latest`` after every rank finished writing it, so a
+crash mid-save leaves the previous checkpoint as the one resumed from. Retention deletes only
+complete checkpoints older than the newest ``keep_last``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_tst.config import ConfigError, RunConfig
+from megatron_tst.config.loader import config_to_yaml
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+# Distributed-optimizer state is saved dp-reshardable so a run can resume on another DP size.
+SHARDING_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+@dataclass
+class TrainState:
+    """Where the run is: saved in every checkpoint and restored on resume."""
+
+    step: int = 0
+    consumed_samples: int = 0  # training samples read so far (all data-parallel ranks)
+    consumed_tokens: int = 0  # data tokens read so far
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
+    """The checkpoint named by ``latest``, or None when the directory holds none."""
+    marker = Path(ckpt_dir) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(ckpt_dir) / marker.read_text().strip()
+    if not path.is_dir():
+        raise ConfigError(f"{marker} names {path.name}, which does not exist; point "
+                          f"checkpoint.load at an existing step_* directory",
+                          key="checkpoint.load", value="auto")
+    return path
+
+
+def resolve_load_path(cfg: RunConfig) -> Optional[Path]:
+    load = cfg.checkpoint.load
+    if load == "none":
+        return None
+    if load == "auto":
+        return latest_checkpoint(cfg.checkpoint_dir)
+    path = Path(load)
+    if (path / LATEST).is_file():  # a checkpoint root rather than one step directory
+        return latest_checkpoint(path)
+    if not (path / "metadata.json").is_file():
+        raise ConfigError(f"{path} is not a megatron dist checkpoint (no metadata.json); give a "
+                          f"step_* directory or a checkpoint root with a '{LATEST}' file",
+                          key="checkpoint.load", value=load)
+    return path
+
+
+# ---------------------------------------------------------------------------- state dicts
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model_chunks, optimizer, scheduler, train_state: TrainState,
+                        cfg: RunConfig, is_loading: bool) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd = {}
+    for i, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{i}"
+        # DDP holds the model (or Float16Module) as .module; keys must not carry that prefix.
+        model_sd[key] = chunk.module.sharded_state_dict(metadata=SHARDING_METADATA)
+    pp, tp = (parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_tensor_model_parallel_world_size())
+    rng = ShardedObject(
+        "rng_state", _rng_state(), (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(),
+         parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+    return {
+        **model_sd,
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd["model"] if len(model_chunks) == 1 else model_sd,
+            is_loading=is_loading, metadata=SHARDING_METADATA),
+        "scheduler": scheduler.state_dict(),
+        "train_state": asdict(train_state),
+        "run_config": cfg.to_dict(),
+        "rng_state": rng,
+    }
+
+
+# ---------------------------------------------------------------------------------- saving
+def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler,
+                    train_state: TrainState) -> Path:
+    """Save synchronously on all ranks, then (rank 0) point ``latest`` at it and prune."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(cfg.checkpoint_dir)
+    path = root / step_dir_name(train_state.step)
+    rank = dist.get_rank()
+    if rank == 0:
+        if path.exists():  # a partial save of this step from a crashed run: never referenced
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state_dict(model_chunks, optimizer, scheduler, train_state, cfg,
+                                is_loading=False)
+    dist_checkpointing.save(state, str(path))
+    dist.barrier()
+    if rank == 0:
+        (path / "run_config.yaml").write_text(config_to_yaml(cfg))
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(path.name + "\n")
+        os.replace(tmp, root / LATEST)
+        _prune(root, cfg.checkpoint.keep_last, keep=path)
+    dist.barrier()
+    return path
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if p.is_dir() and (m := STEP_DIR.match(p.name)))
+    for _, old in steps[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- loading
+def load_checkpoint(path: Path, cfg: RunConfig, model_chunks, optimizer,
+                    scheduler) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG in place; return the saved train state."""
+    from megatron.core import dist_checkpointing
+
+    _materialize_optimizer_state(optimizer)
+    state = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), cfg,
+                                is_loading=True)
+    saved_layout = _saved_layout(path)
+    if saved_layout != _current_layout():
+        log.warning("checkpoint %s was written with (PP, TP)=%s, this run has %s: RNG states are "
+                    "not restored", path, saved_layout, _current_layout())
+        state.pop("rng_state")
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    _sync_optimizer_step_counts(optimizer)
+    scheduler.load_state_dict(loaded["scheduler"])
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    return TrainState(**loaded["train_state"])
+
+
+def load_saved_config(path: Path) -> dict:
+    """The run config stored in a checkpoint (plain dict), without touching the model."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))["run_config"]
+
+
+def _current_layout() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def _saved_layout(path: Path) -> tuple[int, int]:
+    saved = load_saved_config(path)["parallel"]
+    return saved["pipeline_model_parallel_size"], saved["tensor_model_parallel_size"]
+
+
+def _inner_optimizers(optimizer) -> list:
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(o, "optimizer", None) is not None]
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's moment tensors before loading, so the sharded state dict has targets.
+
+    A step with all-zero gradients on freshly built state; the loaded values overwrite it.
+    """
+    for inner in _inner_optimizers(optimizer):
+        if any(len(s) for s in inner.state.values()):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        saved_lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+        params = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+        inner.step()
+        with torch.no_grad():
+            for p, saved in zip((p for g in inner.param_groups for p in g["params"]), params):
+                p.copy_(saved)
+        for g, lr in zip(inner.param_groups, saved_lrs):
+            g["lr"] = lr
+        for group in inner.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+def _sync_optimizer_step_counts(optimizer) -> None:
+    """torch's AdamW keeps a per-parameter ``step``; megatron saves it per param group."""
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st and "step" in st:
+                    st["step"] = torch.as_tensor(group["step"], dtype=st["step"].dtype)

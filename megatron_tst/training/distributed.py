@@ -1,0 +1,104 @@
+"""Process group and megatron ``parallel_state`` set-up: gloo on CPU, nccl on GPU.
+
+Launched by ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment) or
+as a plain single process, which gets a one-rank group on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_tst.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last rank: it sits on the last pipeline stage, where the loss is."""
+        return self.rank == self.world_size - 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: RunConfig) -> DistEnv:
+    """Initialise torch.distributed and megatron's model-parallel groups for ``cfg.parallel``."""
+    from megatron.core import parallel_state
+
+    if not torch.cuda.is_available():
+        from megatron_tst.compat import apply_cpu_compat
+
+        apply_cpu_compat()
+
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cfg.validate_layout(world_size)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("nccl needs CUDA devices; use gloo on CPU machines",
+                          key="parallel.backend", value=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            init_method = "env://"
+        dist.init_process_group(backend=backend, init_method=init_method,
+                                rank=rank, world_size=world_size)
+    p = cfg.parallel
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+        )
+    seed_everything(cfg.seed)
+    return DistEnv(rank, world_size, local_rank, device, backend)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs, and megatron's per-TP-rank model-parallel RNG tracker.
+
+    Pipeline stages get distinct seeds (as in Megatron-LM) so that dropout differs across layers.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""Metrics sinks: stdout, ``metrics.jsonl`` in the run directory, wandb, TensorBoard.
+
+Only the logging rank (the last rank, on the last pipeline stage) writes. wandb runs offline
+unless ``WANDB_API_KEY`` is set (or ``WANDB_MODE`` says otherwise); ``logging.wandb: false`` turns
+it off. The JSONL file is the machine-readable record that tests and benchmarks read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_tst.config import RunConfig
+
+log = logging.getLogger("megatron_tst")
+
+
+def setup_logging(rank: int, is_logging_rank: bool) -> None:
+    """INFO on rank 0 (set-up) and the logging rank (metrics); warnings only elsewhere."""
+    verbose = rank == 0 or is_logging_rank or os.environ.get("MEGATRON_TST_LOG_ALL_RANKS")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stdout, force=True,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+
+
+class MetricsLogger:
+    def __init__(self, cfg: RunConfig, enabled: bool, resumed_step: int = 0):
+        self.enabled = enabled
+        self._wandb = self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        run_dir = Path(cfg.resolved_run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.logging.wandb:
+            self._wandb = _start_wandb(cfg, run_dir)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step)
+
+    def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        scalars = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+
+    def event(self, step: int, message: str) -> None:
+        """A marked event in the logs (resume, checkpoint, phase switch)."""
+        log.info("step %d: %s", step, message)
+        self.log(step, {"message": message}, kind="event")
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _start_wandb(cfg: RunConfig, run_dir: Path) -> Optional[Any]:
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed: logging.wandb is ignored (pip install wandb)")
+        return None
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=str(run_dir),
+                      config=cfg.to_dict(), mode=mode, resume="allow", id=_wandb_id(run_dir))
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable id per run directory, so a resumed job continues the same wandb run."""
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.exists():
+        import uuid
+
+        id_file.write_text(uuid.uuid4().hex[:12])
+    return id_file.read_text().strip()
+
+
+def format_metrics(step: int, total: int, m: dict[str, Any]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"),
+                     ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}")):
+        if key in m and m[key] is not None:
+            parts.append(f"{key} " + fmt.format(m[key]))
+    return " | ".join(parts)

@@ -1,0 +1,46 @@
+"""One micro-batch through the model, in the shape megatron's pipeline schedules expect.
+
+``forward_step(data_iterator, model) -> (output, loss_func)``; on the last pipeline stage
+``loss_func(output) -> (loss, {"lm_loss": [sum, count]})``. The summed form lets the trainer
+average over micro-batches and data-parallel ranks weighted by tokens.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+
+def make_forward_step(device: torch.device):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True)
+        # With labels, GPTModel returns the per-token CE [B, S], computed vocab-parallel.
+        output = model(tokens, position_ids, attention_mask=None, labels=labels)
+        return output, partial(token_loss, loss_mask)
+
+    return forward_step
+
+
+def token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    total = (per_token_loss.float().reshape(-1) * mask).sum()
+    count = mask.sum()
+    loss = total / count.clamp(min=1.0)
+    return loss, {"lm_loss": torch.stack([total.detach(), count])}
+
+
+def reduce_loss(loss_dicts: list[dict], key: str = "lm_loss") -> torch.Tensor | None:
+    """Token-weighted mean over micro-batches and the data-parallel group (last stage only)."""
+    from megatron.core import parallel_state
+
+    if not loss_dicts:
+        return None
+    summed = torch.stack([d[key] for d in loss_dicts]).sum(0).to(torch.float64)
+    torch.distributed.all_reduce(
+        summed, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return summed[0] / summed[1].clamp(min=1.0)

@@ -1,0 +1,106 @@
+"""Shared fixtures: a synthetic indexed dataset with a real sentencepiece tokenizer, tiny recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the cat sat on a mat while the dog ran far away and then it slept under "
+         "an old tree near the river bank until morning came").split()
+
+
+def pytest_configure(config):
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> dict:
+    """train/valid indexed datasets of random word documents, EOD after each, and a tokenizer."""
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(10, 120)))) for _ in range(300)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=str(root / "tok"),
+                                   vocab_size=96, model_type="bpe", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tok.model"))
+    for split, part in (("train", docs[:270]), ("valid", docs[270:])):
+        builder = IndexedDatasetBuilder(str(root / f"{split}.bin"), dtype=np.uint16)
+        for doc in part:
+            ids = sp.encode(doc) + [sp.eos_id()]
+            builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
+        builder.finalize(str(root / f"{split}.idx"))
+    return {"root": root, "tokenizer": str(root / "tok.model"), "train": str(root / "train"),
+            "valid": str(root / "valid"), "eod": sp.eos_id()}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, synthetic_data) -> Path:
+    """A tiny model on the synthetic data; tests override what they need."""
+    recipe = {
+        "base": str(REPO / "configs" / "demo-cpu.yaml"),
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                  "num_query_groups": 2, "ffn_hidden_size": 128, "seq_length": 32},
+        "data": {"source": "indexed", "train_paths": [synthetic_data["train"]],
+                 "valid_paths": [synthetic_data["valid"]],
+                 "tokenizer": {"type": "sentencepiece", "path": synthetic_data["tokenizer"]}},
+        "training": {"train_steps": 6, "micro_batch_size": 2, "global_batch_size": 4,
+                     "eval_interval": 3, "eval_steps": 1, "log_interval": 1},
+        "schedule": {"warmup_steps": 2, "decay_fraction": 0.5},
+        "checkpoint": {"save_interval": 0},
+        "logging": {"wandb": False},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None):
+    """Run ``megatron-tst`` in a fresh process (torchrun for nproc > 1); return the result."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_tst.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port()), "-m", "megatron_tst.cli", *args]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                            cwd=REPO)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def megatron_env():
+    """One-rank gloo group and megatron parallel_state in this pytest process (TP=PP=1)."""
+    from megatron_tst.config import RunConfig
+    from megatron_tst.training.distributed import destroy_distributed, init_distributed
+
+    env = init_distributed(RunConfig())
+    yield env
+    destroy_distributed()
