@@ -1,0 +1,521 @@
+"""Tokenize text or JSONL files into megatron-core indexed datasets (``<prefix>.bin`` + ``<prefix>.idx``).
+
+Input formats (chosen by file name; each may also be compressed as ``.gz`` or ``.bz2``):
+
+* ``.jsonl``: one JSON object per line, the document text under ``text_key`` (default ``"text"``).
+  Blank lines are ignored.
+* ``.txt``: plain UTF-8 text, documents separated by one or more blank lines (lines holding only
+  whitespace count as blank). Line breaks inside a document are kept.
+
+Every document becomes one sequence of one document in the indexed dataset: its token ids followed
+by the tokenizer's ``eod`` id. Documents that are empty or whitespace-only are skipped (counted in
+``PreprocessResult.num_skipped``). The token dtype is megatron-core's ``DType.optimal_dtype`` for the
+vocabulary size (uint16 below 65500 tokens, else int32). Outputs are written to temporary files and
+renamed at the end, so an interrupted run never leaves a truncated dataset under the final name.
+
+With ``workers > 1`` tokenization runs in a process pool (an initializer loads the tokenizer once per
+worker, results come back in input order), so the output is byte-identical to ``workers=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import gzip
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy
+
+__all__ = [
+    "DataError",
+    "PreprocessResult",
+    "SUPPORTED_SUFFIXES",
+    "add_preprocess_arguments",
+    "iter_documents",
+    "preprocess",
+    "preprocess_documents",
+    "run_preprocess",
+]
+
+SUPPORTED_SUFFIXES = (".jsonl", ".txt")
+_COMPRESSIONS = (".gz", ".bz2")
+_BATCH_DOCUMENTS = 64  # documents per task sent to a worker
+_PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar when the inputs are at least this large
+
+
+class DataError(ValueError):
+    """A problem with input data: the message names the file (and line), and how to fix it."""
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    """What :func:`preprocess` wrote. ``num_tokens`` counts every token in the ``.bin``, EODs included."""
+
+    prefix: Path
+    num_documents: int
+    num_tokens: int
+    num_skipped: int = 0
+
+    @property
+    def bin_path(self) -> Path:
+        return Path(f"{self.prefix}.bin")
+
+    @property
+    def idx_path(self) -> Path:
+        return Path(f"{self.prefix}.idx")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading inputs
+# --------------------------------------------------------------------------------------------------
+def _input_format(path: Path) -> tuple[str, str | None]:
+    """(".jsonl" | ".txt", compression or None) from the file name."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes[-1] if suffixes and suffixes[-1] in _COMPRESSIONS else None
+    if compression:
+        suffixes = suffixes[:-1]
+    fmt = suffixes[-1] if suffixes else ""
+    if fmt not in SUPPORTED_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported input format {''.join(path.suffixes) or '(no suffix)'!r}. Use "
+            "'.jsonl' (one JSON object per line) or '.txt' (documents separated by blank lines), "
+            "optionally compressed as '.gz' or '.bz2'; rename the file accordingly."
+        )
+    return fmt, compression
+
+
+def _check_inputs(inputs: Sequence[Path | str]) -> list[Path]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise DataError("no input files given: pass at least one .jsonl or .txt file")
+    for path in paths:
+        if not path.exists():
+            raise DataError(f"{path}: input file not found; check the path (and the working directory)")
+        if not path.is_file():
+            raise DataError(f"{path}: not a regular file; pass the data files themselves, not a directory")
+        _input_format(path)
+    return paths
+
+
+def _open_binary(path: Path, compression: str | None) -> IO[bytes]:
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".bz2":
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its newline), failing with a DataError on bad bytes."""
+    _, compression = _input_format(path)
+    try:
+        with _open_binary(path, compression) as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} at "
+                        f"column {err.start + 1}). Re-encode the file as UTF-8, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path.name}`."
+                    ) from None
+                if lineno == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # UTF-8 byte order mark
+                yield lineno, line.rstrip("\r\n")
+    except (OSError, EOFError) as err:
+        raise DataError(
+            f"{path}: cannot read {'compressed ' if compression else ''}data ({err}). "
+            "Check that the file is complete and matches its suffix."
+        ) from None
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.documents = 0
+        self.skipped = 0
+
+
+def _jsonl_documents(path: Path, text_key: str, counter: _Counter) -> Iterator[str]:
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno}). Each line of a "
+                ".jsonl file must be one complete JSON object; plain text belongs in a '.txt' file."
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}:{lineno}: expected a JSON object like {{\"{text_key}\": \"...\"}}, "
+                f"got {type(record).__name__}"
+            )
+        if text_key not in record:
+            keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
+            raise DataError(
+                f"{path}:{lineno}: no {text_key!r} key in the JSON object (keys: {keys}). "
+                "Pass the right key with --text-key / text_key=."
+            )
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise DataError(
+                f"{path}:{lineno}: the {text_key!r} value must be a string, got {type(text).__name__}"
+            )
+        if not text.strip():
+            counter.skipped += 1
+            continue
+        counter.documents += 1
+        yield text
+
+
+def _txt_documents(path: Path, counter: _Counter) -> Iterator[str]:
+    lines: list[str] = []
+    for _, line in _decoded_lines(path):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            counter.documents += 1
+            yield "\n".join(lines)
+            lines = []
+    if lines:
+        counter.documents += 1
+        yield "\n".join(lines)
+
+
+def iter_documents(inputs: Sequence[Path | str], text_key: str = "text") -> Iterator[str]:
+    """Stream the documents of all input files, in order (see the module docstring for formats).
+
+    Raises :class:`DataError` for missing/unsupported files, bad bytes, bad JSON, a missing text
+    key, and for a file that holds no documents.
+    """
+    for path in _check_inputs(inputs):
+        yield from _file_documents(path, text_key, _Counter())
+
+
+def _file_documents(path: Path, text_key: str, counter: _Counter) -> Iterator[str]:
+    before_docs, before_skipped = counter.documents, counter.skipped
+    fmt, _ = _input_format(path)
+    if fmt == ".jsonl":
+        yield from _jsonl_documents(path, text_key, counter)
+    else:
+        yield from _txt_documents(path, counter)
+    if counter.documents == before_docs:
+        what = (
+            f"all {counter.skipped - before_skipped} {text_key!r} values are empty"
+            if counter.skipped > before_skipped
+            else "the file is empty or holds only blank lines"
+        )
+        raise DataError(f"{path}: no documents found ({what}). Remove it from the inputs or fix it.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizing and writing
+# --------------------------------------------------------------------------------------------------
+_WORKER_TOKENIZER: Any = None
+_WORKER_DTYPE: Any = None
+
+
+def _worker_init(tokenizer_or_spec: Any, dtype: Any) -> None:
+    """Pool initializer: load the tokenizer once per worker process."""
+    global _WORKER_TOKENIZER, _WORKER_DTYPE
+    from megatron_tst.data.tokenizer import TokenizerSpec
+
+    if isinstance(tokenizer_or_spec, TokenizerSpec):
+        _WORKER_TOKENIZER = tokenizer_or_spec.load()
+    else:
+        _WORKER_TOKENIZER = tokenizer_or_spec
+    _WORKER_DTYPE = dtype
+
+
+def _encode_batch_with(tokenizer: Any, dtype: Any, texts: Sequence[str]) -> list[numpy.ndarray]:
+    batch = getattr(tokenizer, "tokenize_batch", None)
+    token_lists = batch(texts) if batch is not None else [tokenizer.tokenize(t) for t in texts]
+    eod = tokenizer.eod
+    out = []
+    for ids in token_lists:
+        array = numpy.empty(len(ids) + 1, dtype=dtype)
+        array[:-1] = ids
+        array[-1] = eod
+        out.append(array)
+    return out
+
+
+def _worker_encode(texts: Sequence[str]) -> list[numpy.ndarray]:
+    return _encode_batch_with(_WORKER_TOKENIZER, _WORKER_DTYPE, texts)
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _as_spec(spec: Any):
+    """Normalise a (kind, path[, options]) tuple or TokenizerSpec; None stays None."""
+    from megatron_tst.data.tokenizer import TokenizerSpec
+
+    if spec is None or isinstance(spec, TokenizerSpec):
+        return spec
+    if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
+        options = dict(spec[2]) if len(spec) == 3 else {}
+        return TokenizerSpec(str(spec[0]), str(spec[1]), options)
+    raise TypeError(f"a tokenizer spec is (kind, path) or (kind, path, options), got {spec!r}")
+
+
+def _resolve_tokenizer(tokenizer: Any, tokenizer_spec: Any) -> tuple[Any, Any]:
+    """(tokenizer object, spec or None) from the user's arguments."""
+    from megatron_tst.data.tokenizer import tokenizer_spec_of
+
+    spec = _as_spec(tokenizer_spec)
+    if isinstance(tokenizer, (tuple, list)):
+        spec = spec or _as_spec(tokenizer)
+        tokenizer = _as_spec(tokenizer).load()
+    elif tokenizer is None:
+        if spec is None:
+            raise ValueError("pass a tokenizer object or a (kind, path) tokenizer spec")
+        tokenizer = spec.load()
+    if spec is None:
+        spec = tokenizer_spec_of(tokenizer)
+    for attribute in ("eod", "vocab_size"):
+        if not hasattr(tokenizer, attribute):
+            raise TypeError(f"the tokenizer {tokenizer!r} has no {attribute!r} attribute")
+    return tokenizer, spec
+
+
+def _token_dtype(vocab_size: int) -> type:
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(int(vocab_size))
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork is cheap (the parent has already imported megatron-core and the tokenizer); elsewhere the
+    # platform default (spawn) re-imports this module in each worker.
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
+
+
+def _write_indexed_dataset(
+    documents: Iterable[str],
+    output_prefix: Path | str,
+    tokenizer: Any,
+    spec: Any,
+    workers: int,
+    progress: bool | None,
+) -> tuple[Path, int, int]:
+    """Tokenize ``documents`` and write ``<prefix>.bin/.idx``; return (prefix, documents, tokens)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    dtype = _token_dtype(tokenizer.vocab_size)
+    tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
+    tmp_bin, tmp_idx = Path(f"{tmp_prefix}.bin"), Path(f"{tmp_prefix}.idx")
+    num_documents = num_tokens = 0
+    pool = None
+    bar = None
+    try:
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+        batches = _batched(documents, _BATCH_DOCUMENTS)
+        if workers > 1:
+            pool = _pool_context().Pool(
+                workers, initializer=_worker_init, initargs=(spec or tokenizer, dtype)
+            )
+            # imap keeps input order; feed it a bounded window at a time so a huge input is never
+            # read into memory ahead of the workers.
+            window = workers * 8
+
+            def encoded() -> Iterator[list[numpy.ndarray]]:
+                while group := list(itertools.islice(batches, window)):
+                    yield from pool.imap(_worker_encode, group, chunksize=1)
+
+            results: Iterable[list[numpy.ndarray]] = encoded()
+        else:
+            results = (_encode_batch_with(tokenizer, dtype, batch) for batch in batches)
+        # progress: True -> always, False -> never, None -> when stderr is a terminal (tqdm's rule).
+        # No tqdm object at all when off: tqdm starts a monitor thread, unwelcome before a fork.
+        if progress is not False:
+            bar = tqdm(
+                unit="doc",
+                desc=f"tokenizing -> {prefix.name}",
+                disable=None if progress is None else False,
+                file=sys.stderr,
+            )
+        for arrays in results:
+            for array in arrays:
+                builder.add_document(array, [array.size])
+                num_tokens += int(array.size)
+            num_documents += len(arrays)
+            if bar is not None:
+                bar.update(len(arrays))
+        if num_documents == 0:
+            raise DataError(f"{prefix}: no documents to write (all inputs were empty)")
+        builder.finalize(str(tmp_idx))
+        os.replace(tmp_bin, f"{prefix}.bin")
+        os.replace(tmp_idx, f"{prefix}.idx")
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for path in (tmp_bin, tmp_idx):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+    return prefix, num_documents, num_tokens
+
+
+def preprocess(
+    inputs: Sequence[Path],
+    output_prefix: Path,
+    tokenizer: Any,
+    *,
+    workers: int = 1,
+    text_key: str = "text",
+    tokenizer_spec: Any = None,
+    progress: bool | None = None,
+) -> PreprocessResult:
+    """Tokenize the documents of ``inputs`` (``.jsonl``/``.txt``, optionally ``.gz``/``.bz2``) into
+    ``<output_prefix>.bin`` and ``<output_prefix>.idx``, appending ``tokenizer.eod`` to every document.
+
+    ``tokenizer`` is a tokenizer object (anything with ``tokenize``, ``eod`` and ``vocab_size``) or a
+    ``(kind, path[, options])`` spec for :func:`~megatron_tst.data.tokenizer.load_tokenizer`.
+    With ``workers > 1`` each worker loads the tokenizer once, from ``tokenizer_spec``, else from the
+    object's own ``spec`` (the project's tokenizers have one), else from a pickled copy of the object.
+    ``progress``: True/False forces the tqdm bar on/off; None shows it for inputs over 32 MiB when
+    stderr is a terminal. Raises :class:`DataError` for bad inputs (before writing any output when a
+    file is missing).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    paths = _check_inputs(inputs)
+    tokenizer, spec = _resolve_tokenizer(tokenizer, tokenizer_spec)
+    counter = _Counter()
+
+    def documents() -> Iterator[str]:
+        for path in paths:
+            yield from _file_documents(path, text_key, counter)
+
+    total_bytes = sum(p.stat().st_size for p in paths)
+    show = progress if progress is not None else (None if total_bytes >= _PROGRESS_MIN_BYTES else False)
+    prefix, num_documents, num_tokens = _write_indexed_dataset(
+        documents(), output_prefix, tokenizer, spec, workers, show
+    )
+    return PreprocessResult(prefix, num_documents, num_tokens, counter.skipped)
+
+
+def preprocess_documents(
+    texts: Iterable[str], output_prefix: Path, tokenizer: Any, *, progress: bool | None = False
+) -> PreprocessResult:
+    """Tokenize in-memory documents into ``<output_prefix>.bin/.idx`` (one process, input order),
+    appending ``tokenizer.eod`` to each; empty or whitespace-only texts are skipped."""
+    tokenizer, spec = _resolve_tokenizer(tokenizer, None)
+    counter = _Counter()
+
+    def documents() -> Iterator[str]:
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"documents must be strings, got {type(text).__name__}")
+            if text.strip():
+                counter.documents += 1
+                yield text
+            else:
+                counter.skipped += 1
+
+    prefix, num_documents, num_tokens = _write_indexed_dataset(
+        documents(), output_prefix, tokenizer, spec, 1, progress
+    )
+    return PreprocessResult(prefix, num_documents, num_tokens, counter.skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI glue: `megatron-tst preprocess ...`
+# --------------------------------------------------------------------------------------------------
+DEFAULT_TRAIN_VOCAB_SIZE = 8000
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``preprocess`` subcommand's arguments to ``parser``."""
+    parser.add_argument(
+        "--input", nargs="+", required=True, type=Path, metavar="FILE",
+        help="input files: .jsonl (one JSON object per line) or .txt (documents separated by blank "
+        "lines), optionally .gz/.bz2 compressed",
+    )
+    parser.add_argument(
+        "--output-prefix", required=True, type=Path, metavar="PREFIX",
+        help="write PREFIX.bin and PREFIX.idx (megatron-core indexed dataset)",
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tokenizer-model", type=Path, metavar="MODEL",
+                       help="a sentencepiece .model file")
+    group.add_argument("--hf-tokenizer", type=Path, metavar="JSON",
+                       help="a Hugging Face tokenizer.json (or a directory containing one)")
+    group.add_argument(
+        "--train-tokenizer", action="store_true",
+        help="train a sentencepiece BPE tokenizer on the inputs, saved as PREFIX.tokenizer.model "
+        "(the default when no tokenizer is given)",
+    )
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"vocabulary size for --train-tokenizer (default {DEFAULT_TRAIN_VOCAB_SIZE})")
+    parser.add_argument("--eod-token", default=None,
+                        help="end-of-document token of --hf-tokenizer (default: found by name)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    parser.add_argument("--text-key", default="text", help="JSONL key holding the text (default 'text')")
+    parser.add_argument("--seed", type=int, default=1234, help="seed for --train-tokenizer")
+    return parser
+
+
+def run_preprocess(args: argparse.Namespace, *, out: Callable[[str], None] = print) -> int:
+    """Run the ``preprocess`` subcommand; returns the exit status (0 ok, 1 bad input)."""
+    from megatron_tst.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    def fail(message: str) -> int:
+        print(f"megatron-tst preprocess: error: {message}", file=sys.stderr)
+        return 1
+
+    try:
+        inputs = _check_inputs(args.input)
+        if args.workers < 1:
+            return fail(f"--workers must be >= 1, got {args.workers}")
+        if args.vocab_size is not None and (args.tokenizer_model or args.hf_tokenizer):
+            return fail("--vocab-size only applies when training a tokenizer (--train-tokenizer)")
+        if args.eod_token is not None and not args.hf_tokenizer:
+            return fail("--eod-token only applies to --hf-tokenizer")
+        if args.tokenizer_model:
+            tokenizer = load_tokenizer("sentencepiece", args.tokenizer_model)
+        elif args.hf_tokenizer:
+            options = {"eod_token": args.eod_token} if args.eod_token else {}
+            tokenizer = load_tokenizer("huggingface", args.hf_tokenizer, **options)
+        else:
+            vocab_size = args.vocab_size or DEFAULT_TRAIN_VOCAB_SIZE
+            model_prefix = Path(f"{args.output_prefix}.tokenizer")
+            model_path = train_sentencepiece(
+                iter_documents(inputs, args.text_key), model_prefix, vocab_size, seed=args.seed
+            )
+            tokenizer = load_tokenizer("sentencepiece", model_path)
+        result = preprocess(
+            inputs, args.output_prefix, tokenizer, workers=args.workers, text_key=args.text_key
+        )
+    except (DataError, FileNotFoundError, ValueError) as err:
+        return fail(str(err))
+    skipped = f", {result.num_skipped} empty skipped" if result.num_skipped else ""
+    out(
+        f"preprocessed {result.num_documents} documents{skipped}, {result.num_tokens} tokens "
+        f"(incl. EOD) -> {result.bin_path}, {result.idx_path} (tokenizer: {tokenizer.path})"
+    )
+    return 0
