@@ -69,6 +69,7 @@ class ParallelConfig:
 class TokenizerConfig:
     type: Literal["sentencepiece", "huggingface"] = "sentencepiece"
     path: Optional[str] = None  # .model (sentencepiece) or tokenizer.json (huggingface)
+    eod_token: Optional[str] = None  # huggingface: the end-of-document token, if not a usual name
 
 
 @dataclass

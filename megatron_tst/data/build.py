@@ -46,7 +46,8 @@ def build_run_data(cfg: RunConfig, *, sequence_length: int, num_train_samples: i
     if not Path(tok_path).is_file():
         raise ConfigError(f"tokenizer file {tok_path} not found", key="data.tokenizer.path",
                           value=tok_path)
-    tokenizer = load_tokenizer(kind, tok_path)
+    options = {"eod_token": cfg.data.tokenizer.eod_token} if kind == "huggingface" else {}
+    tokenizer = load_tokenizer(kind, tok_path, **options)
     train, valid = build_gpt_datasets(
         train_paths=train_paths, train_weights=cfg.data.train_weights, valid_paths=valid_paths,
         tokenizer=tokenizer, sequence_length=sequence_length, seed=cfg.seed,

@@ -60,3 +60,22 @@ def test_config_error_exits_cleanly(tiny_recipe):
                           "optimizer.lrr=1"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "did you mean 'optimizer.lr'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_loss_decreases_on_bundled_corpus(tmp_path):
+    """The real demo path (gensim corpus, trained sentencepiece, indexed datasets), shortened."""
+    pytest.importorskip("gensim")
+    run = tmp_path / "demo"
+    out = run_cli(["demo", f"run_dir={run}", "training.train_steps=60", "training.eval_interval=60",
+                   "training.log_interval=10", "model.num_layers=2", "model.seq_length=64",
+                   "checkpoint.save_interval=0", "logging.wandb=false", "schedule.warmup_steps=5"])
+    train = [r["loss"] for r in read_metrics(run)]
+    valid = read_metrics(run, "valid")
+    assert len(train) == 60 and len(valid) == 1
+    import math
+
+    assert train[0] == pytest.approx(math.log(4096), abs=0.3)  # uniform start over the vocab
+    assert sum(train[-10:]) / 10 < train[0] - 1.5  # clearly falling
+    assert valid[0]["loss"] < train[0] - 1.5
+    assert "final validation loss" in out.stdout and "checkpoint" in out.stdout
+    assert (run / "data" / "train.bin").is_file()  # the prepared corpus is cached in the run dir
