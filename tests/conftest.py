@@ -60,6 +60,7 @@ def tiny_recipe(tmp_path, synthetic_data) -> Path:
         "schedule": {"warmup_steps": 2, "decay_fraction": 0.5},
         "checkpoint": {"save_interval": 0},
         "logging": {"wandb": False},
+        "tst": {"bag_size": 1, "ratio": None},  # standard training unless a test turns TST on
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))

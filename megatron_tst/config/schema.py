@@ -141,7 +141,26 @@ class LoggingConfig:
 
 @dataclass
 class TSTConfig:
-    """Token-Superposition Training: filled in by the TST work; empty means standard training."""
+    """Token-Superposition Training (see docs/method.md). ``bag_size: 1`` or a zero-length
+    superposition phase is exactly standard training."""
+
+    bag_size: int = 1  # s: tokens superposed per latent position in the superposition phase
+    ratio: Optional[float] = None  # r: fraction of training.train_steps in the superposition phase
+    superposition_steps: Optional[int] = None  # or the count directly (exclusive with ratio)
+    weighting: Literal["uniform", "power_law", "explicit"] = "uniform"
+    power: float = 1.0  # power_law: slot k (1-based) weighs 1/k**power
+    slot_weights: Optional[list[float]] = None  # explicit: one weight per slot (normalised)
+    respect_documents: bool = False  # bags and next-bag targets never cross an EOD token
+    reset_optimizer_at_switch: bool = False  # ablation: fresh Adam moments in the recovery phase
+    reinit_embeddings_at_switch: bool = False  # ablation: re-initialise embedding and LM head
+    loss_impl: Literal["fused", "reference"] = "fused"  # reference: plain, TP=1 only, for checks
+
+    def num_superposition_steps(self, train_steps: int) -> int:
+        if self.bag_size == 1:
+            return 0
+        if self.superposition_steps is not None:
+            return self.superposition_steps
+        return round((self.ratio or 0.0) * train_steps)
 
 
 @dataclass
@@ -245,6 +264,7 @@ class RunConfig:
         w = self.data.train_weights
         if w is not None and (len(w) != len(self.data.train_paths) or min(w) <= 0):
             fail("data.train_weights", "needs one positive weight per entry of data.train_paths")
+        self._validate_tst()
         if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.train_steps:
             fail("training.exit_at_step", f"must be in [1, training.train_steps={t.train_steps}]")
         lo = self.checkpoint.load
@@ -252,6 +272,36 @@ class RunConfig:
             fail("checkpoint.load", "must be 'auto', 'none' or a checkpoint directory")
         if world_size is not None:
             self.validate_layout(world_size)
+
+    def _validate_tst(self) -> None:
+        x, steps = self.tst, self.training.train_steps
+
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(msg, key=key, value=_get(self, key))
+
+        if x.bag_size < 1:
+            fail("tst.bag_size", "must be >= 1 (1 = standard training)")
+        if x.ratio is not None and x.superposition_steps is not None:
+            fail("tst.superposition_steps", "give tst.ratio or tst.superposition_steps, not both")
+        if x.ratio is not None and not 0.0 <= x.ratio <= 1.0:
+            fail("tst.ratio", "must be in [0, 1] (the paper recommends 0.2-0.4)")
+        if x.superposition_steps is not None and not 0 <= x.superposition_steps <= steps:
+            fail("tst.superposition_steps", f"must be in [0, training.train_steps={steps}]")
+        if x.bag_size > 1 and x.ratio is None and x.superposition_steps is None:
+            fail("tst.bag_size", "needs tst.ratio (or tst.superposition_steps) to say how long "
+                                 "the superposition phase lasts")
+        if x.weighting == "explicit":
+            if x.slot_weights is None or len(x.slot_weights) != x.bag_size:
+                fail("tst.slot_weights", f"needs one weight per slot (tst.bag_size={x.bag_size})")
+            if min(x.slot_weights) < 0 or sum(x.slot_weights) <= 0:
+                fail("tst.slot_weights", "must be non-negative with a positive sum")
+        elif x.slot_weights is not None:
+            fail("tst.slot_weights", "is only used with tst.weighting=explicit")
+        if x.weighting == "power_law" and x.power < 0:
+            fail("tst.power", "must be >= 0")
+        if x.loss_impl == "reference" and self.parallel.tensor_model_parallel_size > 1:
+            fail("tst.loss_impl", "the reference loss needs full-vocabulary logits (TP=1); "
+                                  "use fused")
 
     def validate_layout(self, world_size: int) -> None:
         p, t = self.parallel, self.training

@@ -46,9 +46,12 @@ SHARDING_METADATA = {
 class TrainState:
     """Where the run is: saved in every checkpoint and restored on resume."""
 
-    step: int = 0
-    consumed_samples: int = 0  # training samples read so far (all data-parallel ranks)
-    consumed_tokens: int = 0  # data tokens read so far
+    step: int = 0  # optimizer steps completed
+    consumed_samples: int = 0  # model samples (of L positions) run so far, all DP ranks
+    consumed_tokens: int = 0  # data tokens read so far: the position in the data stream
+    phase: str = ""  # phase of the last completed step: standard | superposition | recovery
+    bag_size: int = 1  # tokens per position in that step (s in the superposition phase)
+    data_chunk: int = 1  # the data stream is cut in chunks of data_chunk * seq_length tokens
 
 
 def step_dir_name(step: int) -> str:

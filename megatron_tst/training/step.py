@@ -3,13 +3,20 @@
 ``forward_step(data_iterator, model) -> (output, loss_func)``; on the last pipeline stage
 ``loss_func(output) -> (loss, {"lm_loss": [sum, count]})``. The summed form lets the trainer
 average over micro-batches and data-parallel ranks weighted by tokens.
+
+Two forward steps: the standard one (next-token CE through GPTModel's vocab-parallel loss) and
+the superposition one (bags in, logits out, multi-hot CE over the next bag).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
+
+from megatron_tst.tst.bags import fold_bags
+from megatron_tst.tst.embedding import encode_bag_mask
 
 
 def make_forward_step(device: torch.device):
@@ -18,12 +25,48 @@ def make_forward_step(device: torch.device):
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-        position_ids = batch["position_ids"].to(device, non_blocking=True)
+        position_ids = _positions(tokens)
         # With labels, GPTModel returns the per-token CE [B, S], computed vocab-parallel.
         output = model(tokens, position_ids, attention_mask=None, labels=labels)
         return output, partial(token_loss, loss_mask)
 
     return forward_step
+
+
+def make_superposition_forward_step(device: torch.device, *, bag_size: int,
+                                    slot_weights: torch.Tensor, vocab_size: int,
+                                    eod: Optional[int] = None, loss_impl: str = "fused"):
+    """Bags of ``bag_size`` tokens in, multi-hot CE over the next bag out.
+
+    ``eod`` set means respect document boundaries (see ``tst.bags.fold_bags``).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_tst.tst.loss import multi_hot_cross_entropy
+
+    impl = "vocab_parallel" if loss_impl == "fused" else loss_impl
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        bags = fold_bags(batch["tokens"], batch["labels"], bag_size,
+                         loss_mask=batch["loss_mask"], eod=eod)
+        inputs = encode_bag_mask(bags.inputs, bags.input_mask, vocab_size).to(device)
+        targets = bags.targets.to(device, non_blocking=True)
+        logits = model(inputs, _positions(inputs[..., 0]), attention_mask=None)  # [B, L, V/TP]
+        return logits, partial(superposition_loss, targets)
+
+    def superposition_loss(targets: torch.Tensor, logits: torch.Tensor):
+        loss = multi_hot_cross_entropy(
+            logits, targets, slot_weights.to(logits.device), impl=impl,
+            tp_group=parallel_state.get_tensor_model_parallel_group())
+        return loss, {"lm_loss": torch.stack([loss.detach().float(), loss.new_ones((), dtype=torch.float32)])}
+
+    return forward_step
+
+
+def _positions(tokens: torch.Tensor) -> torch.Tensor:
+    b, length = tokens.shape[:2]
+    return torch.arange(length, device=tokens.device).unsqueeze(0).expand(b, length)
 
 
 def token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

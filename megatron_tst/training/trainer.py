@@ -1,8 +1,14 @@
-"""The training loop: components are built elsewhere; this file only wires and steps them."""
+"""The training loop: components are built elsewhere; this file only wires and steps them.
+
+A TST run is one loop over two phases (``tst/schedule.py``): superposition steps feed bags of
+``s`` tokens and train on the multi-hot CE of the next bag; recovery steps are plain next-token
+training. Optimizer state and the single WSD schedule carry over the switch.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,17 +16,23 @@ from typing import Optional
 
 import torch
 
-from megatron_tst.config import RunConfig
+from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
 from megatron_tst.data.build import build_run_data
-from megatron_tst.data.datasets import BatchLayout, iterate_microbatches
+from megatron_tst.data.datasets import BatchLayout, ChunkView, iterate_microbatches
 from megatron_tst.models.gpt import build_model, count_parameters, padded_vocab_size
 from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training.distributed import init_distributed
+from megatron_tst.training.flops import flops_per_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
 from megatron_tst.training.optim import (build_optimizer, build_scheduler, connect_schedule_hooks,
                                         wrap_model)
-from megatron_tst.training.step import make_forward_step, reduce_loss
+from megatron_tst.training.step import (make_forward_step, make_superposition_forward_step,
+                                        reduce_loss)
+from megatron_tst.training.switch import apply_switch
+from megatron_tst.tst.embedding import install_superposed_embedding
+from megatron_tst.tst.loss import slot_weights
+from megatron_tst.tst.schedule import RECOVERY, SUPERPOSITION, Phase, PhaseSchedule
 
 log = logging.getLogger("megatron_tst")
 
@@ -43,56 +55,89 @@ class Trainer:
         self.cfg = cfg
         self.env = init_distributed(cfg)
         setup_logging(self.env.rank, self.env.is_logging_rank)
-        t = cfg.training
+        t, L = cfg.training, cfg.model.seq_length
+        self.schedule = PhaseSchedule.from_config(cfg)
         self.layout = BatchLayout(t.global_batch_size, t.micro_batch_size,
                                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-        self.data = build_run_data(
-            cfg, sequence_length=cfg.model.seq_length,
-            num_train_samples=t.train_steps * t.global_batch_size,
-            num_valid_samples=t.eval_steps * t.global_batch_size)
+
+        # Data: chunks of c*L tokens (c = s in a TST run), read whole by superposition steps and
+        # as c consecutive L-token samples by recovery steps and validation.
+        c = self.schedule.chunk_tokens_factor
+        total_units = self.schedule.data_tokens(t.train_steps, t.global_batch_size, L) // L
+        self.data = build_run_data(cfg, sequence_length=c * L,
+                                   num_train_samples=math.ceil(total_units / c),
+                                   num_valid_samples=t.eval_steps * t.global_batch_size)
         vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                             cfg.parallel.tensor_model_parallel_size)
+
         model = build_model(cfg, self.vocab_size).to(self.env.device)
+        if self.schedule.is_tst:
+            install_superposed_embedding(model)
         self.num_params = count_parameters(model)
         self.model = [wrap_model(cfg, model)]
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         connect_schedule_hooks(self.model, self.optimizer)
         self.forward_backward = get_forward_backward_func()
-        self.forward_step = make_forward_step(self.env.device)
-        self.state = ckpt.TrainState()
+        self.standard_step = make_forward_step(self.env.device)
+        self.superposition_step = None
+        if self.schedule.is_tst:
+            x = cfg.tst
+            self.superposition_step = make_superposition_forward_step(
+                self.env.device, bag_size=x.bag_size, vocab_size=self.vocab_size,
+                slot_weights=slot_weights(x.bag_size, x.weighting, x.power, x.slot_weights),
+                eod=self.data.tokenizer.eod if x.respect_documents else None,
+                loss_impl=x.loss_impl)
+        self.flops_per_step = flops_per_step(cfg, self.vocab_size)
+
+        self.state = ckpt.TrainState(data_chunk=c)
         self.last_checkpoint: Optional[Path] = None
         load_path = ckpt.resolve_load_path(cfg)
         if load_path is not None:
             self.state = ckpt.load_checkpoint(load_path, cfg, self.model, self.optimizer,
                                               self.scheduler)
             self.last_checkpoint = load_path
+            self._check_data_position(load_path)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_logging_rank,
                                      resumed_step=self.state.step)
         if self.env.rank == 0:
             log.info("resolved config:\n%s", config_to_yaml(cfg))
             Path(cfg.resolved_run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.resolved_run_dir) / "run_config.yaml").write_text(config_to_yaml(cfg))
+        sched = self.schedule
         log.info("model: %s parameters on this rank, vocab %d (padded), world size %d, "
                  "%d micro-batches per step", f"{self.num_params:,}", self.vocab_size,
                  self.env.world_size, self.layout.num_microbatches)
+        if sched.is_tst:
+            log.info("TST: superposition (s=%d) for steps 1-%d, recovery for steps %d-%d",
+                     sched.bag_size, sched.superposition_steps, sched.superposition_steps + 1,
+                     sched.total_steps)
         if load_path is not None:
             self.metrics.event(self.state.step, f"resumed from {load_path}")
 
-    # ------------------------------------------------------------------------------ steps
-    def _run(self, data_iterator, num_microbatches: int, forward_only: bool):
-        t = self.cfg.training
-        return self.forward_backward(
-            forward_step_func=self.forward_step, data_iterator=data_iterator, model=self.model,
-            num_microbatches=num_microbatches, seq_length=self.cfg.model.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_only=forward_only)
+    def _check_data_position(self, path: Path) -> None:
+        st, c = self.state, self.schedule.chunk_tokens_factor
+        if st.consumed_tokens and st.data_chunk != c:
+            raise ConfigError(
+                f"checkpoint {path} read data in chunks of {st.data_chunk} x model.seq_length "
+                f"tokens, this run in chunks of {c}: the data position cannot be carried over. "
+                f"Keep tst.bag_size as in that run (end the superposition phase early with "
+                f"tst.superposition_steps), or start fresh with checkpoint.load=none",
+                key="tst.bag_size", value=self.cfg.tst.bag_size)
 
-    def train_step(self, data_iterator) -> dict:
+    # ------------------------------------------------------------------------------ steps
+    def _run(self, forward_step, data_iterator, forward_only: bool):
+        return self.forward_backward(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=self.model,
+            num_microbatches=self.layout.num_microbatches, seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size, forward_only=forward_only)
+
+    def train_step(self, forward_step, data_iterator) -> dict:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_dicts = self._run(data_iterator, self.layout.num_microbatches, forward_only=False)
+        loss_dicts = self._run(forward_step, data_iterator, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
@@ -100,19 +145,42 @@ class Trainer:
         return {"loss": None if loss is None else loss.item(), "lr": lr,
                 "grad_norm": grad_norm, "skipped": not ok}
 
+    def _iterator(self, dataset, phase: Phase, start_tokens: int, num_steps: int,
+                  workers: int = 0):
+        L, c = self.cfg.model.seq_length, self.schedule.chunk_tokens_factor
+        sample_tokens = L * phase.bag_size
+        if start_tokens % sample_tokens:
+            raise ConfigError(
+                f"the data position ({start_tokens} tokens) is not at a {phase.bag_size}-sequence "
+                f"chunk boundary, so the {phase.name} phase cannot continue from it; a "
+                f"superposition phase cannot follow recovery steps",
+                key="tst.superposition_steps", value=self.cfg.tst.superposition_steps)
+        view = ChunkView(dataset, c, phase.bag_size)
+        return iterate_microbatches(view, self.layout, start_tokens // sample_tokens,
+                                    num_steps=num_steps, num_workers=workers)
+
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self) -> dict:
+        """Next-token loss on the held-out split; in the superposition phase also its MCE."""
         t = self.cfg.training
-        it = iterate_microbatches(self.data.valid, self.layout, 0, num_steps=t.eval_steps)
+        runs = [("loss", self.standard_step, Phase(RECOVERY, 1))]
+        if self.schedule.phase(max(self.state.step - 1, 0)).name == SUPERPOSITION:
+            runs.append(("mce", self.superposition_step,
+                         Phase(SUPERPOSITION, self.schedule.bag_size)))
         for chunk in self.model:
             chunk.eval()
-        loss_dicts = []
-        for _ in range(t.eval_steps):
-            loss_dicts += self._run(it, self.layout.num_microbatches, forward_only=True)
+        out = {}
+        for key, forward_step, phase in runs:
+            it = self._iterator(self.data.valid, phase, 0, t.eval_steps)
+            loss_dicts = []
+            for _ in range(t.eval_steps):
+                loss_dicts += self._run(forward_step, it, forward_only=True)
+            loss = reduce_loss(loss_dicts)
+            if loss is not None:
+                out[key] = loss.item()
         for chunk in self.model:
             chunk.train()
-        loss = reduce_loss(loss_dicts)
-        return None if loss is None else loss.item()
+        return out
 
     def save(self) -> None:
         self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
@@ -121,26 +189,42 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
-        cfg, t, st = self.cfg, self.cfg.training, self.state
-        start, tokens_per_step = time.time(), t.global_batch_size * cfg.model.seq_length
+        cfg, t, st, sched = self.cfg, self.cfg.training, self.state, self.schedule
+        L, B = cfg.model.seq_length, t.global_batch_size
+        start = time.time()
         stop = t.exit_at_step or t.train_steps
-        it = iterate_microbatches(self.data.train, self.layout, st.consumed_samples,
-                                  num_workers=cfg.data.num_workers)
         train_loss = valid_loss = None
+        it, current = None, None
         while st.step < stop:
+            phase = sched.phase(st.step)
+            if phase != current:
+                if st.phase == SUPERPOSITION and phase.name == RECOVERY:
+                    apply_switch(cfg, self.model, self.optimizer)
+                    self.metrics.event(st.step, f"phase switch: superposition (s={sched.bag_size})"
+                                                f" -> recovery after step {st.step}")
+                current = phase
+                steps = min(sched.segment_end(st.step), stop) - st.step
+                it = self._iterator(self.data.train, phase, st.consumed_tokens, steps,
+                                    cfg.data.num_workers)
+                forward_step = (self.superposition_step if phase.name == SUPERPOSITION
+                                else self.standard_step)
             tic = time.time()
-            m = self.train_step(it)
+            m = self.train_step(forward_step, it)
+            elapsed = time.time() - tic
             st.step += 1
-            st.consumed_samples += t.global_batch_size
-            st.consumed_tokens += tokens_per_step
-            m["step_time_s"] = time.time() - tic
-            m["tokens_per_s"] = tokens_per_step / m["step_time_s"]
-            m["consumed_tokens"] = st.consumed_tokens
+            st.consumed_samples += B
+            st.consumed_tokens += B * L * phase.bag_size
+            st.phase = phase.name
+            m.update(phase=phase.name, bag_size=phase.bag_size, step_time_s=elapsed,
+                     data_tokens=st.consumed_tokens, model_positions=st.consumed_samples * L,
+                     tokens_per_s=B * L * phase.bag_size / elapsed, positions_per_s=B * L / elapsed,
+                     flops=st.step * self.flops_per_step)
             train_loss = m["loss"] if m["loss"] is not None else train_loss
             self.metrics.log(st.step, m)
             if self.env.is_logging_rank and (st.step % t.log_interval == 0 or st.step == stop):
                 log.info(format_metrics(st.step, t.train_steps, m))
-            if t.eval_interval and (st.step % t.eval_interval == 0 or st.step == t.train_steps):
+            if t.eval_interval and (st.step % t.eval_interval == 0 or st.step == t.train_steps
+                                    or st.step == sched.superposition_steps):
                 valid_loss = self._log_eval()
             interval = cfg.checkpoint.save_interval
             if (interval and st.step % interval == 0) or (
@@ -154,12 +238,13 @@ class Trainer:
                            st.consumed_tokens, time.time() - start)
 
     def _log_eval(self) -> Optional[float]:
-        loss = self.evaluate()
-        if self.env.is_logging_rank and loss is not None:
-            self.metrics.log(self.state.step, {"loss": loss}, kind="valid")
-            log.info("step %d/%d | validation loss %.4f", self.state.step,
-                        self.cfg.training.train_steps, loss)
-        return loss
+        losses = self.evaluate()
+        if self.env.is_logging_rank and losses:
+            self.metrics.log(self.state.step, losses, kind="valid")
+            extra = f" | validation MCE {losses['mce']:.4f}" if "mce" in losses else ""
+            log.info("step %d/%d | validation loss %.4f%s", self.state.step,
+                     self.cfg.training.train_steps, losses["loss"], extra)
+        return losses.get("loss")
 
 
 def train(cfg: RunConfig) -> TrainResult:

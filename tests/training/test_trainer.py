@@ -1,5 +1,6 @@
 """End-to-end training through the CLI: resume is bitwise identical, DP=2 over gloo matches DP=1."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,15 @@ def test_save_stop_resume_is_bitwise_identical(tiny_recipe, tmp_path):
         [r["loss"] for r in read_metrics(full, "valid")][-1]
 
 
-def test_checkpoint_interval_and_retention(tiny_recipe, tmp_path):
+def test_checkpoint_interval_retention_and_metric_sinks(tiny_recipe, tmp_path):
     run = tmp_path / "keep"
     run_cli(["train", str(tiny_recipe), f"run_dir={run}", "checkpoint.save_interval=2",
-             "checkpoint.keep_last=2"])
+             "checkpoint.keep_last=2", "logging.wandb=true", "logging.tensorboard=true"],
+            env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*"))
+    train = read_metrics(run)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"} <= train[0].keys()
     ckpt = run / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000004", "step_0000006"]
     assert (ckpt / "latest").read_text().strip() == "step_0000006"
@@ -63,19 +69,20 @@ def test_config_error_exits_cleanly(tiny_recipe):
 
 
 def test_loss_decreases_on_bundled_corpus(tmp_path):
-    """The real demo path (gensim corpus, trained sentencepiece, indexed datasets), shortened."""
+    """The real demo path (gensim corpus, trained sentencepiece, indexed datasets), shortened:
+    superposition for 18 steps, then recovery."""
     pytest.importorskip("gensim")
     run = tmp_path / "demo"
     out = run_cli(["demo", f"run_dir={run}", "training.train_steps=60", "training.eval_interval=60",
                    "training.log_interval=10", "model.num_layers=2", "model.seq_length=64",
                    "checkpoint.save_interval=0", "logging.wandb=false", "schedule.warmup_steps=5"])
-    train = [r["loss"] for r in read_metrics(run)]
+    records = read_metrics(run)
+    train = [r["loss"] for r in records]
     valid = read_metrics(run, "valid")
-    assert len(train) == 60 and len(valid) == 1
-    import math
-
+    assert len(train) == 60 and [r["step"] for r in valid] == [18, 60]  # at the switch and the end
+    assert {r["phase"] for r in records[:18]} == {"superposition"}
     assert train[0] == pytest.approx(math.log(4096), abs=0.3)  # uniform start over the vocab
-    assert sum(train[-10:]) / 10 < train[0] - 1.5  # clearly falling
-    assert valid[0]["loss"] < train[0] - 1.5
+    assert sum(train[-10:]) / 10 < train[0] - 1.0  # clearly falling, after the switch too
+    assert valid[-1]["loss"] < train[0] - 1.0
     assert "final validation loss" in out.stdout and "checkpoint" in out.stdout
     assert (run / "data" / "train.bin").is_file()  # the prepared corpus is cached in the run dir

@@ -1,0 +1,73 @@
+"""Superposition-phase data throughput vs the baseline on the same model and batch.
+
+Runs the real trainer twice through the CLI (fresh processes): the baseline (bag size 1) and the
+superposition phase only (ratio 1), reads the per-step records from metrics.jsonl, and prints the
+median data tokens/s of each and their ratio. Target: phase-1 data tokens/s >= 0.9 * s * baseline
+(equal FLOPs per step, so only data loading, bag folding and the superposed embedding may cost).
+
+    python benchmarks/phase_throughput.py                      # demo model, s=4, CPU
+    python benchmarks/phase_throughput.py --bag-size 6 --steps 40 --recipe configs/demo-cpu.yaml
+    torchrun-free on GPU:  python benchmarks/phase_throughput.py --recipe configs/270m-tst.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(recipe: str, run_dir: Path, overrides: list[str]) -> list[dict]:
+    cmd = [sys.executable, "-m", "megatron_tst.cli", "train", recipe, f"run_dir={run_dir}",
+           "checkpoint.load=none", "checkpoint.save_interval=0", "checkpoint.save_final=false",
+           "training.eval_interval=0", "logging.wandb=false", *overrides]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    with open(run_dir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=str(REPO / "configs" / "demo-cpu.yaml"))
+    p.add_argument("--bag-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    p.add_argument("--workers", type=int, default=0, help="data.num_workers")
+    p.add_argument("overrides", nargs="*", help="extra dotted overrides for both runs")
+    a = p.parse_args()
+    common = [f"training.train_steps={a.steps}", "schedule.warmup_steps=1",
+              "schedule.decay_fraction=0", f"data.num_workers={a.workers}", *a.overrides]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = run(a.recipe, Path(tmp) / "base", ["tst.bag_size=1", "tst.ratio=null", *common])
+        tst = run(a.recipe, Path(tmp) / "tst",
+                  [f"tst.bag_size={a.bag_size}", "tst.ratio=1.0", *common])
+    assert all(r["phase"] == "superposition" for r in tst)
+
+    def median(records, key):
+        return statistics.median(r[key] for r in records[a.warmup:])
+
+    b_tok, t_tok = median(base, "tokens_per_s"), median(tst, "tokens_per_s")
+    b_time, t_time = median(base, "step_time_s"), median(tst, "step_time_s")
+    ratio = t_tok / b_tok
+    print(f"recipe {Path(a.recipe).name}, {a.steps} steps (median of the last {a.steps - a.warmup})")
+    print(f"{'run':<22}{'step time (s)':>14}{'data tokens/s':>16}{'positions/s':>14}")
+    print(f"{'baseline':<22}{b_time:>14.4f}{b_tok:>16,.0f}{median(base, 'positions_per_s'):>14,.0f}")
+    print(f"{f'superposition s={a.bag_size}':<22}{t_time:>14.4f}{t_tok:>16,.0f}"
+          f"{median(tst, 'positions_per_s'):>14,.0f}")
+    verdict = "meets" if ratio >= 0.9 * a.bag_size else "MISSES"
+    print(f"data tokens/s ratio {ratio:.2f} = {ratio / a.bag_size:.2f} * s "
+          f"({verdict} the 0.9 * s target)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""TST inside the real loop: the switch within one run, bitwise resume before/at/after it,
+a phase-1 checkpoint continued as phase 2, and the honest accounting in the metrics."""
+
+import shutil
+
+import pytest
+
+from tests.conftest import read_metrics, run_cli
+
+TST = ["tst.bag_size=4", "tst.superposition_steps=3", "training.train_steps=6"]
+
+
+def records(run_dir, kind="train"):
+    return read_metrics(run_dir, kind)
+
+
+def test_switch_inside_one_run_and_accounting(tiny_recipe, tmp_path):
+    run = tmp_path / "tst"
+    out = run_cli(["train", str(tiny_recipe), f"run_dir={run}", *TST, "training.eval_interval=2"])
+    train = records(run)
+    assert [r["phase"] for r in train] == ["superposition"] * 3 + ["recovery"] * 3
+    assert [r["bag_size"] for r in train] == [4] * 3 + [1] * 3
+    B, L = 4, 32
+    # data tokens: s times more per superposition step; model positions: equal per step
+    assert [r["data_tokens"] for r in train] == [4 * B * L * k for k in (1, 2, 3)] + \
+        [12 * B * L + B * L * k for k in (1, 2, 3)]
+    assert [r["model_positions"] for r in train] == [B * L * k for k in range(1, 7)]
+    flops = [r["flops"] for r in train]
+    assert all(b - a == flops[0] for a, b in zip(flops, flops[1:]))  # equal FLOPs per step
+    valid = records(run, "valid")
+    assert [r["step"] for r in valid] == [2, 3, 4, 6]  # every interval and right at the switch
+    assert "mce" in valid[0] and "mce" in valid[1] and "mce" not in valid[2]
+    events = [r["message"] for r in records(run, "event")]
+    assert any("phase switch: superposition (s=4) -> recovery after step 3" in e for e in events)
+    assert "phase switch" in out.stdout
+
+
+def test_resume_before_at_and_after_the_switch_is_bitwise(tiny_recipe, tmp_path):
+    full, chain = tmp_path / "full", tmp_path / "chain"
+    run_cli(["train", str(tiny_recipe), f"run_dir={full}", *TST])
+    for stop in (2, 3, 4):  # before, at and after the switch (superposition_steps=3)
+        run_cli(["train", str(tiny_recipe), f"run_dir={chain}", *TST,
+                 f"training.exit_at_step={stop}"])
+    run_cli(["train", str(tiny_recipe), f"run_dir={chain}", *TST])
+    a = [(r["step"], r["phase"], r["loss"], r["grad_norm"]) for r in records(full)]
+    b = [(r["step"], r["phase"], r["loss"], r["grad_norm"]) for r in records(chain)]
+    assert a == b  # exact equality, every step, across three resumes
+    assert records(full, "valid")[-1]["loss"] == records(chain, "valid")[-1]["loss"]
+    switches = [r for r in records(chain, "event") if "phase switch" in r["message"]]
+    assert len(switches) == 1  # the switch happened once, in the job resumed at step 3
+
+
+def test_phase_one_checkpoint_continued_as_phase_two(tiny_recipe, tmp_path):
+    first, second = tmp_path / "p1", tmp_path / "p2"
+    run_cli(["train", str(tiny_recipe), f"run_dir={first}", *TST, "training.exit_at_step=2"])
+    shutil.copytree(first / "checkpoints", second / "checkpoints")
+    # End the superposition phase at the checkpoint's step: recovery starts right away.
+    run_cli(["train", str(tiny_recipe), f"run_dir={second}", "tst.bag_size=4",
+             "tst.superposition_steps=2", "training.train_steps=6"])
+    train = records(second)
+    assert [r["step"] for r in train] == [3, 4, 5, 6]
+    assert {r["phase"] for r in train} == {"recovery"}
+    # the data stream continues after the 2 superposition steps' 2*B*s*L tokens, no repeat
+    assert train[0]["data_tokens"] == 2 * 4 * 4 * 32 + 4 * 32
+
+
+def test_changing_bag_size_on_resume_is_refused(tiny_recipe, tmp_path):
+    run = tmp_path / "p1"
+    run_cli(["train", str(tiny_recipe), f"run_dir={run}", *TST, "training.exit_at_step=2"])
+    with pytest.raises(AssertionError, match="data position cannot be carried over"):
+        run_cli(["train", str(tiny_recipe), f"run_dir={run}", "tst.bag_size=2",
+                 "tst.superposition_steps=3", "training.train_steps=6"])
