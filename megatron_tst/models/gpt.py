@@ -112,16 +112,30 @@ def build_layer_spec(cfg: RunConfig, impl: str):
 
 def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None):
-    """One model chunk for this pipeline stage (parallel_state must be initialised)."""
+    """One model chunk for this pipeline stage (parallel_state must be initialised).
+
+    A run with a superposition phase gets ``TSTGPTModel`` (same parameters, also takes bags).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_tst.tst.schedule import PhaseSchedule
 
     impl = resolve_transformer_impl(cfg)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    model = GPTModel(
+    cls, extra = GPTModel, {}
+    if PhaseSchedule.from_config(cfg).is_tst:
+        from megatron_tst.tst.loss import slot_weights
+        from megatron_tst.tst.model import TSTGPTModel
+
+        x = cfg.tst
+        cls = TSTGPTModel
+        extra = dict(slot_weights=slot_weights(x.bag_size, x.weighting, x.power, x.slot_weights),
+                     loss_impl=x.loss_impl)
+    model = cls(
         config=build_transformer_config(cfg),
         transformer_layer_spec=build_layer_spec(cfg, impl),
         vocab_size=vocab_size,
@@ -132,6 +146,7 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] 
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
+        **extra,
     )
     return model
 

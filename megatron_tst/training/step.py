@@ -33,18 +33,12 @@ def make_forward_step(device: torch.device):
     return forward_step
 
 
-def make_superposition_forward_step(device: torch.device, *, bag_size: int,
-                                    slot_weights: torch.Tensor, vocab_size: int,
-                                    eod: Optional[int] = None, loss_impl: str = "fused"):
-    """Bags of ``bag_size`` tokens in, multi-hot CE over the next bag out.
+def make_superposition_forward_step(device: torch.device, *, bag_size: int, vocab_size: int,
+                                    eod: Optional[int] = None):
+    """Bags of ``bag_size`` tokens in, the multi-hot CE of the next bag out (``TSTGPTModel``).
 
     ``eod`` set means respect document boundaries (see ``tst.bags.fold_bags``).
     """
-    from megatron.core import parallel_state
-
-    from megatron_tst.tst.loss import multi_hot_cross_entropy
-
-    impl = "vocab_parallel" if loss_impl == "fused" else loss_impl
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -52,16 +46,15 @@ def make_superposition_forward_step(device: torch.device, *, bag_size: int,
                          loss_mask=batch["loss_mask"], eod=eod)
         inputs = encode_bag_mask(bags.inputs, bags.input_mask, vocab_size).to(device)
         targets = bags.targets.to(device, non_blocking=True)
-        logits = model(inputs, _positions(inputs[..., 0]), attention_mask=None)  # [B, L, V/TP]
-        return logits, partial(superposition_loss, targets)
-
-    def superposition_loss(targets: torch.Tensor, logits: torch.Tensor):
-        loss = multi_hot_cross_entropy(
-            logits, targets, slot_weights.to(logits.device), impl=impl,
-            tp_group=parallel_state.get_tensor_model_parallel_group())
-        return loss, {"lm_loss": torch.stack([loss.detach().float(), loss.new_ones((), dtype=torch.float32)])}
+        loss = model(inputs, _positions(inputs[..., 0]), attention_mask=None, labels=targets)
+        return loss, superposition_loss
 
     return forward_step
+
+
+def superposition_loss(loss: torch.Tensor):
+    """The MCE is already a scalar mean (per slot, as in the paper); report it per micro-batch."""
+    return loss, {"lm_loss": torch.stack([loss.detach().float(), torch.ones_like(loss, dtype=torch.float32)])}
 
 
 def _positions(tokens: torch.Tensor) -> torch.Tensor:

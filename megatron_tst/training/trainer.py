@@ -30,8 +30,6 @@ from megatron_tst.training.optim import (build_optimizer, build_scheduler, conne
 from megatron_tst.training.step import (make_forward_step, make_superposition_forward_step,
                                         reduce_loss)
 from megatron_tst.training.switch import apply_switch
-from megatron_tst.tst.embedding import install_superposed_embedding
-from megatron_tst.tst.loss import slot_weights
 from megatron_tst.tst.schedule import RECOVERY, SUPERPOSITION, Phase, PhaseSchedule
 
 log = logging.getLogger("megatron_tst")
@@ -72,8 +70,6 @@ class Trainer:
                                             cfg.parallel.tensor_model_parallel_size)
 
         model = build_model(cfg, self.vocab_size).to(self.env.device)
-        if self.schedule.is_tst:
-            install_superposed_embedding(model)
         self.num_params = count_parameters(model)
         self.model = [wrap_model(cfg, model)]
         self.optimizer = build_optimizer(cfg, self.model)
@@ -83,12 +79,9 @@ class Trainer:
         self.standard_step = make_forward_step(self.env.device)
         self.superposition_step = None
         if self.schedule.is_tst:
-            x = cfg.tst
             self.superposition_step = make_superposition_forward_step(
-                self.env.device, bag_size=x.bag_size, vocab_size=self.vocab_size,
-                slot_weights=slot_weights(x.bag_size, x.weighting, x.power, x.slot_weights),
-                eod=self.data.tokenizer.eod if x.respect_documents else None,
-                loss_impl=x.loss_impl)
+                self.env.device, bag_size=cfg.tst.bag_size, vocab_size=self.vocab_size,
+                eod=self.data.tokenizer.eod if cfg.tst.respect_documents else None)
         self.flops_per_step = flops_per_step(cfg, self.vocab_size)
 
         self.state = ckpt.TrainState(data_chunk=c)

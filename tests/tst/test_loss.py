@@ -309,10 +309,11 @@ def test_vocab_parallel_tp1_is_fused():
     """A TP group of one rank: mce_vocab_parallel is mce_fused (bitwise)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                            world_size=1)
+    owned = not dist.is_initialized()  # the session's megatron_env may have made one already
+    if owned:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                world_size=1)
+    assert dist.get_world_size() == 1
     try:
         group = dist.new_group([0])
         z = torch.randn(20, 30)
@@ -322,7 +323,8 @@ def test_vocab_parallel_tp1_is_fused():
         b, gb = _loss_and_grad(lambda x: mce_vocab_parallel(x, t, w, tp_group=group), z)
         assert torch.equal(a, b) and torch.equal(ga, gb)
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
 
 
 def test_benchmark_script_smoke(capsys):
