@@ -78,7 +78,36 @@ def _file_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 # sentencepiece
 # --------------------------------------------------------------------------------------------------
-class SentencePieceTokenizer(MegatronLegacyTokenizer):
+class _SpecialIds(MegatronLegacyTokenizer):
+    """The id properties megatron reads, shared by both tokenizers (set ``_vocab_size``,
+    ``_eod``, ``_pad``, ``_bos`` and provide ``vocab``)."""
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: token for token, i in self.vocab.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    @property
+    def bos(self) -> int:
+        return self._bos
+
+
+class SentencePieceTokenizer(_SpecialIds):
     """A sentencepiece ``.model`` file. ``eod`` is the model's ``</s>`` (eos) id."""
 
     kind = "sentencepiece"
@@ -133,30 +162,6 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
         if self._vocab is None:
             self._vocab = {self._processor.IdToPiece(i): i for i in range(self._vocab_size)}
         return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return {i: piece for piece, i in self.vocab.items()}
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def eos(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        return self._pad
-
-    @property
-    def bos(self) -> int:
-        return self._bos
 
     @property
     def unk(self) -> int:
@@ -280,7 +285,7 @@ def train_sentencepiece(
 # --------------------------------------------------------------------------------------------------
 # Hugging Face tokenizers
 # --------------------------------------------------------------------------------------------------
-class HFTokenizer(MegatronLegacyTokenizer):
+class HFTokenizer(_SpecialIds):
     """A Hugging Face fast tokenizer loaded from ``tokenizer.json`` with the ``tokenizers`` package.
 
     ``path`` is the ``tokenizer.json`` file or a directory containing one. The end-of-document token
@@ -376,30 +381,6 @@ class HFTokenizer(MegatronLegacyTokenizer):
         if self._vocab is None:
             self._vocab = dict(self._tokenizer.get_vocab(with_added_tokens=True))
         return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return {i: token for token, i in self.vocab.items()}
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def eos(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        return self._pad
-
-    @property
-    def bos(self) -> int:
-        return self._bos
 
     # -- project helpers ---------------------------------------------------------------------------
     @property
