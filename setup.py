@@ -29,7 +29,9 @@ setup(
         "demo": ["gensim==4.4.0"],  # ships the real English demo corpus (Wikipedia pages, news)
         "hf": ["tokenizers>=0.15"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest>=7", "pytest-timeout", "gensim==4.4.0", "tokenizers>=0.15", "tensorboard"],
+        "study": ["matplotlib", "scipy"],  # megatron-tst study: plot and significance test
+        "dev": ["pytest>=7", "pytest-timeout", "gensim==4.4.0", "tokenizers>=0.15", "tensorboard",
+                "matplotlib", "scipy"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megatron-tst=megatron_tst.cli:main"]},

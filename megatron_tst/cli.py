@@ -1,4 +1,4 @@
-"""``megatron-tst``: train | demo | preprocess | inspect.
+"""``megatron-tst``: train | demo | preprocess | study | inspect.
 
 Single process: ``megatron-tst train configs/x.yaml key=value ...``. Several processes:
 ``torchrun --nproc-per-node N -m megatron_tst.cli train configs/x.yaml ...``.
@@ -61,6 +61,12 @@ def _cmd_preprocess(args) -> int:
     return run_preprocess(args)
 
 
+def _cmd_study(args) -> int:
+    from megatron_tst.study import run_study
+
+    return run_study(args)
+
+
 def _cmd_inspect(args) -> int:
     from megatron_tst.training.checkpoint import latest_checkpoint
 
@@ -99,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_preprocess_arguments(p)
     p.set_defaults(func=_cmd_preprocess)
 
+    p = sub.add_parser("study", help="equal-FLOPs study: baseline vs TST arms over s, r, seeds")
+    from megatron_tst.study import add_study_arguments
+
+    add_study_arguments(p)
+    p.set_defaults(func=_cmd_study)
+
     p = sub.add_parser("inspect", help="print a checkpoint's train state and run config")
     p.add_argument("checkpoint", help="a step_* directory or a checkpoint root")
     p.set_defaults(func=_cmd_inspect)
@@ -106,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also follow the options (argparse stops matching positionals there).
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except ConfigError as err:
