@@ -187,6 +187,7 @@ class Trainer:
         start = time.time()
         stop = t.exit_at_step or t.train_steps
         train_loss = valid_loss = None
+        evaluated_at = None  # same on every rank (the loss itself exists on the last stage only)
         it, current = None, None
         while st.step < stop:
             phase = sched.phase(st.step)
@@ -218,12 +219,12 @@ class Trainer:
                 log.info(format_metrics(st.step, t.train_steps, m))
             if t.eval_interval and (st.step % t.eval_interval == 0 or st.step == t.train_steps
                                     or st.step == sched.superposition_steps):
-                valid_loss = self._log_eval()
+                valid_loss, evaluated_at = self._log_eval(), st.step
             interval = cfg.checkpoint.save_interval
             if (interval and st.step % interval == 0) or (
                     st.step == stop and (cfg.checkpoint.save_final or stop < t.train_steps)):
                 self.save()
-        if valid_loss is None and t.eval_interval:
+        if t.eval_interval and evaluated_at != st.step:
             valid_loss = self._log_eval()
         self.metrics.close()
         return TrainResult(st.step, train_loss, valid_loss,
