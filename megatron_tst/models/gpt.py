@@ -101,13 +101,22 @@ def build_layer_spec(cfg: RunConfig, impl: str):
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=m.num_moe_experts, moe_grouped_gemm=m.moe_grouped_gemm,
             qk_layernorm=m.qk_layernorm)
-    if cfg.parallel.sequence_parallel:
-        raise ConfigError("sequence parallelism needs the transformer-engine layer spec here; "
-                          "set parallel.sequence_parallel=false or run with transformer-engine",
-                          key="parallel.sequence_parallel", value=True)
-    return specs.get_gpt_layer_local_spec(
+    spec = specs.get_gpt_layer_local_spec(
         num_experts=m.num_moe_experts, moe_grouped_gemm=m.moe_grouped_gemm,
         qk_layernorm=m.qk_layernorm, normalization=m.normalization)
+    if not cfg.parallel.sequence_parallel:
+        return spec
+    # Local spec + SP (CPU runs): norms whose params carry sequence_parallel, in every layer and
+    # as the block's final norm.
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_tst.models.norms import SequenceParallelTorchNorm
+
+    spec.submodules.input_layernorm = SequenceParallelTorchNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    layers = m.num_layers // cfg.parallel.pipeline_model_parallel_size
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers,
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] = None,
