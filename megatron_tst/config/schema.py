@@ -58,6 +58,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    context_parallel_size: int = 1  # only 1: context parallelism is not supported (see validate)
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
@@ -129,6 +130,7 @@ class CheckpointConfig:
     save_final: bool = True
     keep_last: int = 2  # 0 = keep all
     load: str = "auto"  # auto: latest in dir if any | none | a checkpoint directory
+    load_optimizer: bool = True  # false: fresh Adam moments (model, step, data, LR continue)
 
 
 @dataclass
@@ -233,6 +235,12 @@ class RunConfig:
         if m.num_layers % p.pipeline_model_parallel_size:
             fail("parallel.pipeline_model_parallel_size",
                  f"must divide model.num_layers={m.num_layers}")
+        if p.context_parallel_size != 1:
+            fail("parallel.context_parallel_size",
+                 "context parallelism is not supported: TST folds labels into (B, L, s) bags "
+                 "before any sequence sharding, and megatron-tst does not shard the sequence "
+                 "across CP ranks yet; use tensor_model_parallel_size with sequence_parallel "
+                 "for long sequences, and set parallel.context_parallel_size=1")
         if p.sequence_parallel and tp == 1:
             fail("parallel.sequence_parallel", "needs parallel.tensor_model_parallel_size > 1")
         if m.num_moe_experts is None:

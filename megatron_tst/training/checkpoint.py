@@ -114,7 +114,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _sharded_state_dict(model_chunks, optimizer, scheduler, train_state: TrainState,
-                        cfg: RunConfig, is_loading: bool) -> dict:
+                        cfg: RunConfig, is_loading: bool, with_optimizer: bool = True) -> dict:
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -130,11 +130,12 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, train_state: TrainSt
         (parallel_state.get_pipeline_model_parallel_rank(),
          parallel_state.get_tensor_model_parallel_rank()),
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+    if with_optimizer:
+        model_sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd["model"] if len(model_chunks) == 1 else model_sd,
+            is_loading=is_loading, metadata=SHARDING_METADATA)
     return {
         **model_sd,
-        "optimizer": optimizer.sharded_state_dict(
-            model_sd["model"] if len(model_chunks) == 1 else model_sd,
-            is_loading=is_loading, metadata=SHARDING_METADATA),
         "scheduler": scheduler.state_dict(),
         "train_state": asdict(train_state),
         "run_config": cfg.to_dict(),
@@ -183,12 +184,19 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
 # --------------------------------------------------------------------------------- loading
 def load_checkpoint(path: Path, cfg: RunConfig, model_chunks, optimizer,
                     scheduler) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG in place; return the saved train state."""
+    """Restore model, optimizer, scheduler and RNG in place; return the saved train state.
+
+    With ``checkpoint.load_optimizer: false`` the Adam moments start fresh (the step, the data
+    position and the LR schedule still continue): for loading across layouts whose optimizer
+    state megatron cannot reshard (e.g. a different expert-parallel size).
+    """
     from megatron.core import dist_checkpointing
 
-    _materialize_optimizer_state(optimizer)
+    with_optimizer = cfg.checkpoint.load_optimizer
+    if with_optimizer:
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), cfg,
-                                is_loading=True)
+                                is_loading=True, with_optimizer=with_optimizer)
     saved_layout = _saved_layout(path)
     if saved_layout != _current_layout():
         log.warning("checkpoint %s was written with (PP, TP)=%s, this run has %s: RNG states are "
@@ -198,8 +206,9 @@ def load_checkpoint(path: Path, cfg: RunConfig, model_chunks, optimizer,
         loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    _sync_optimizer_step_counts(optimizer)
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _sync_optimizer_step_counts(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])

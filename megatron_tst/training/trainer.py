@@ -25,6 +25,7 @@ from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training.distributed import init_distributed
 from megatron_tst.training.flops import flops_per_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
+from megatron_tst.training.moe_metrics import moe_metrics
 from megatron_tst.training.optim import (build_optimizer, build_scheduler, connect_schedule_hooks,
                                         wrap_model)
 from megatron_tst.training.step import (make_forward_step, make_superposition_forward_step,
@@ -135,8 +136,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
         loss = reduce_loss(loss_dicts)
-        return {"loss": None if loss is None else loss.item(), "lr": lr,
-                "grad_norm": grad_norm, "skipped": not ok}
+        metrics = {"loss": None if loss is None else loss.item(), "lr": lr,
+                   "grad_norm": grad_norm, "skipped": not ok}
+        if self.cfg.model.num_moe_experts:
+            metrics.update(moe_metrics(self.layout.num_microbatches))
+        return metrics
 
     def _iterator(self, dataset, phase: Phase, start_tokens: int, num_steps: int,
                   workers: int = 0):
@@ -173,6 +177,8 @@ class Trainer:
                 out[key] = loss.item()
         for chunk in self.model:
             chunk.train()
+        if self.cfg.model.num_moe_experts:
+            moe_metrics(1)  # drop what validation added to the router tracker
         return out
 
     def save(self) -> None:

@@ -77,6 +77,7 @@ def test_wrong_types_are_rejected(recipe, override, expected):
     (["parallel.tensor_model_parallel_size=8"], "parallel.tensor_model_parallel_size"),
     (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+    (["parallel.context_parallel_size=2"], "parallel.context_parallel_size"),
     (["parallel.expert_model_parallel_size=2"], "parallel.expert_model_parallel_size"),
     (["schedule.warmup_steps=100", "training.train_steps=100"], "schedule.warmup_steps"),
     (["schedule.final_lr=1.0"], "schedule.final_lr"),

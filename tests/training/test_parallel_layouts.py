@@ -26,8 +26,12 @@ LAYOUTS = {
 }
 
 
+MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.01",
+       "model.moe_ffn_hidden_size=64"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, synthetic_data):
+def recipe(tmp_path_factory, synthetic_data):
     root = tmp_path_factory.mktemp("layouts")
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -41,22 +45,73 @@ def reference(tmp_path_factory, synthetic_data):
         "schedule": {"warmup_steps": 1, "decay_fraction": 0.4},
         "logging": {"wandb": False},
     }))
+    return recipe
+
+
+def single_process_reference(recipe, root, extra=()):
+    """Checkpoint after step 1 (the shared start) and the single-process steps 2..5."""
     single = root / "single"
-    run_cli(["train", str(recipe), f"run_dir={single}", *COMMON, "training.exit_at_step=1"])
+    run_cli(["train", str(recipe), f"run_dir={single}", *COMMON, *extra,
+             "training.exit_at_step=1"])
     shutil.copytree(single / "checkpoints", root / "start")
-    run_cli(["train", str(recipe), f"run_dir={single}", *COMMON])
-    return recipe, root / "start", read_metrics(single)[1:]  # steps 2..5
+    run_cli(["train", str(recipe), f"run_dir={single}", *COMMON, *extra])
+    return root / "start", read_metrics(single)[1:]
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(reference, tmp_path, layout):
-    recipe, start, expected = reference
-    run = tmp_path / layout
-    shutil.copytree(start, run / "checkpoints")
-    run_cli(["train", str(recipe), f"run_dir={run}", *COMMON, *LAYOUTS[layout]], nproc=2)
-    got = read_metrics(run)
+@pytest.fixture(scope="module")
+def reference(recipe):
+    start, expected = single_process_reference(recipe, recipe.parent)
+    return recipe, start, expected
+
+
+def assert_same_steps(got, expected, layout):
     assert [(r["step"], r["phase"]) for r in got] == [(r["step"], r["phase"]) for r in expected]
     assert [r["phase"] for r in got] == ["superposition"] * 2 + ["recovery"] * 2
     for g, e in zip(got, expected):
         assert g["loss"] == pytest.approx(e["loss"], rel=1e-5), (layout, g["step"])
         assert g["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4), (layout, g["step"])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process_and_reshards_back(reference, tmp_path, layout):
+    """Single process -> layout at step 1; layout -> single process at step 2 (superposition
+    phase) and at step 4 (recovery phase): every continuation equals the single-process run."""
+    recipe, start, expected = reference
+    run = tmp_path / layout
+    shutil.copytree(start, run / "checkpoints")
+    run_cli(["train", str(recipe), f"run_dir={run}", *COMMON, *LAYOUTS[layout],
+             "checkpoint.save_interval=2", "checkpoint.keep_last=0"], nproc=2)
+    assert_same_steps(read_metrics(run), expected, layout)
+    for step in (2, 4):
+        back = tmp_path / f"back{step}"
+        shutil.copytree(run / "checkpoints" / f"step_{step:07d}",
+                        back / "checkpoints" / f"step_{step:07d}")
+        (back / "checkpoints" / "latest").write_text(f"step_{step:07d}\n")
+        run_cli(["train", str(recipe), f"run_dir={back}", *COMMON])
+        got = read_metrics(back)
+        assert [r["step"] for r in got] == list(range(step + 1, 6))
+        for g, e in zip(got, expected[step - 1:]):
+            assert g["phase"] == e["phase"]
+            assert g["loss"] == pytest.approx(e["loss"], rel=1e-5), (layout, step, g["step"])
+
+
+def test_expert_parallel_moe_matches_single_process(recipe, tmp_path_factory):
+    """EP=2 (x DP=2) MoE, top-2 of 4 experts with the load-balancing loss, vs EP=1.
+
+    megatron 0.16.1 cannot reshard the optimizer state from EP=1 (one optimizer) to EP=2 (a
+    chained dense + expert optimizer), so both continuations load the step-1 checkpoint with
+    fresh Adam moments (checkpoint.load_optimizer=false); weights, step, data and LR continue.
+    """
+    root = tmp_path_factory.mktemp("moe")
+    single, runs = root / "single", {}
+    run_cli(["train", str(recipe), f"run_dir={single}", *COMMON, *MOE, "training.exit_at_step=1"])
+    for name, nproc, extra in (("ep1", 1, []), ("ep2", 2, ["parallel.expert_model_parallel_size=2"])):
+        runs[name] = root / name
+        shutil.copytree(single / "checkpoints", runs[name] / "checkpoints")
+        run_cli(["train", str(recipe), f"run_dir={runs[name]}", *COMMON, *MOE, *extra,
+                 "checkpoint.load_optimizer=false"], nproc=nproc)
+    expected, got = read_metrics(runs["ep1"]), read_metrics(runs["ep2"])
+    assert_same_steps(got, expected, "ep2")
+    for g, e in zip(got, expected):  # router statistics are logged in both phases
+        assert g["moe_load_balancing_loss"] == pytest.approx(e["moe_load_balancing_loss"], rel=1e-4)
+        assert 0.9 < g["moe_load_balancing_loss"] < 2.0
