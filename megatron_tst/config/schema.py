@@ -250,6 +250,9 @@ class RunConfig:
             if m.num_moe_experts % p.expert_model_parallel_size:
                 fail("parallel.expert_model_parallel_size",
                      f"must divide model.num_moe_experts={m.num_moe_experts}")
+            if tp > 1 and not p.sequence_parallel:
+                fail("parallel.sequence_parallel", "megatron-core requires sequence parallelism "
+                     "for MoE with tensor parallelism: set parallel.sequence_parallel=true")
             if not 1 <= m.moe_router_topk <= m.num_moe_experts:
                 fail("model.moe_router_topk", f"must be in [1, model.num_moe_experts={m.num_moe_experts}]")
         if m.vocab_size is not None and m.vocab_size < 1:

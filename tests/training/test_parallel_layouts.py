@@ -101,8 +101,12 @@ FRESH_MOMENT_LAYOUTS = {
     "dp2-distopt": ([], ["parallel.use_distributed_optimizer=true"], 2),
     "tp2xpp2": ([], ["parallel.tensor_model_parallel_size=2",
                      "parallel.pipeline_model_parallel_size=2"], 4),
-    "tp2xep2-moe": (MOE, ["parallel.tensor_model_parallel_size=2",
-                          "parallel.expert_model_parallel_size=2"], 4),
+    # megatron: MoE with TP needs SP; its alltoall dispatcher then all-gathers unequal sizes,
+    # which gloo cannot (NCCL can), so on CPU this layout uses the allgather dispatcher.
+    "tp2xep2-moe": ([*MOE, "model.moe_token_dispatcher_type=allgather"],
+                    ["parallel.tensor_model_parallel_size=2",
+                     "parallel.expert_model_parallel_size=2",
+                     "parallel.sequence_parallel=true"], 4),
 }
 
 
