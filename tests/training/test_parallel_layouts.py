@@ -70,6 +70,10 @@ def assert_same_steps(got, expected, layout):
     for g, e in zip(got, expected):
         assert g["loss"] == pytest.approx(e["loss"], rel=1e-5), (layout, g["step"])
         assert g["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4), (layout, g["step"])
+    worst = {k: max(abs(g[k] - e[k]) / abs(e[k]) for g, e in zip(got, expected))
+             for k in ("loss", "grad_norm")}
+    print(f"\n{layout}: max relative difference loss {worst['loss']:.1e}, "
+          f"grad norm {worst['grad_norm']:.1e}")  # shown with pytest -s
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
