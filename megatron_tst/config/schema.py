@@ -57,6 +57,8 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # model chunks per pipeline stage (interleaved 1F1B); None = one chunk (plain 1F1B)
+    virtual_pipeline_model_parallel_size: Optional[int] = None
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1  # only 1: context parallelism is not supported (see validate)
     sequence_parallel: bool = False
@@ -235,6 +237,14 @@ class RunConfig:
         if m.num_layers % p.pipeline_model_parallel_size:
             fail("parallel.pipeline_model_parallel_size",
                  f"must divide model.num_layers={m.num_layers}")
+        vp = p.virtual_pipeline_model_parallel_size
+        if vp is not None:
+            if p.pipeline_model_parallel_size < 2 or vp < 2:
+                fail("parallel.virtual_pipeline_model_parallel_size",
+                     "needs parallel.pipeline_model_parallel_size > 1 and a value > 1 (or null)")
+            if m.num_layers % (p.pipeline_model_parallel_size * vp):
+                fail("parallel.virtual_pipeline_model_parallel_size",
+                     f"pipeline x virtual stages must divide model.num_layers={m.num_layers}")
         if p.context_parallel_size != 1:
             fail("parallel.context_parallel_size",
                  "context parallelism is not supported: TST folds labels into (B, L, s) bags "
@@ -331,6 +341,13 @@ class RunConfig:
             raise ConfigError(
                 f"must be a multiple of training.micro_batch_size x data-parallel size = "
                 f"{t.micro_batch_size} x {dp}",
+                key="training.global_batch_size", value=t.global_batch_size)
+        microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.virtual_pipeline_model_parallel_size and microbatches % p.pipeline_model_parallel_size:
+            raise ConfigError(
+                f"gives {microbatches} micro-batches per step; the interleaved schedule needs a "
+                f"multiple of parallel.pipeline_model_parallel_size="
+                f"{p.pipeline_model_parallel_size}",
                 key="training.global_batch_size", value=t.global_batch_size)
 
 

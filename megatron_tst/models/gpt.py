@@ -75,6 +75,7 @@ def build_transformer_config(cfg: RunConfig):
         attention_dropout=m.attention_dropout,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
@@ -90,6 +91,10 @@ def build_transformer_config(cfg: RunConfig):
         moe_grouped_gemm=m.moe_grouped_gemm,
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
         deallocate_pipeline_outputs=True,
+        # gloo (CPU) runs batched pipeline sends/receives as independent ops matched in posting
+        # order; with 2 stages the previous and next rank are the same, and the interleaved
+        # schedule's forward and backward messages then cross. Unbatched p2p orders them.
+        batch_p2p_comm=not on_cpu,
     )
 
 
@@ -114,13 +119,27 @@ def build_layer_spec(cfg: RunConfig, impl: str):
 
     spec.submodules.input_layernorm = SequenceParallelTorchNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
-    layers = m.num_layers // cfg.parallel.pipeline_model_parallel_size
+    layers = m.num_layers // (cfg.parallel.pipeline_model_parallel_size
+                              * (cfg.parallel.virtual_pipeline_model_parallel_size or 1))
     return TransformerBlockSubmodules(layer_specs=[spec] * layers,
                                       layer_norm=SequenceParallelTorchNorm)
 
 
+def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
+    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    if vp is None:
+        return [build_model(cfg, vocab_size)]
+    from megatron.core import parallel_state as ps
+
+    return [build_model(cfg, vocab_size, vp_stage=i,
+                        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
+                        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i))
+            for i in range(vp)]
+
+
 def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] = None,
-                post_process: Optional[bool] = None):
+                post_process: Optional[bool] = None, vp_stage: Optional[int] = None):
     """One model chunk for this pipeline stage (parallel_state must be initialised).
 
     A run with a superposition phase gets ``TSTGPTModel`` (same parameters, also takes bags).
@@ -155,6 +174,7 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] 
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
+        **({"vp_stage": vp_stage} if vp_stage is not None else {}),
         **extra,
     )
     return model

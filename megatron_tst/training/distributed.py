@@ -75,6 +75,7 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
         )
     seed_everything(cfg.seed)

@@ -14,8 +14,11 @@ from megatron_tst.config import RunConfig
 from megatron_tst.models.gpt import DTYPES
 
 
-def wrap_model(cfg: RunConfig, model: torch.nn.Module):
-    """Float16Module for half-precision params, then megatron's DistributedDataParallel."""
+def wrap_model(cfg: RunConfig, model: torch.nn.Module, chunk_index: int = 0):
+    """Float16Module for half-precision params, then megatron's DistributedDataParallel.
+
+    Chunks after the first (interleaved pipeline) use one bucket, as in Megatron-LM.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
@@ -29,7 +32,8 @@ def wrap_model(cfg: RunConfig, model: torch.nn.Module):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+                                   disable_bucketing=chunk_index > 0)
 
 
 def build_optimizer(cfg: RunConfig, model_chunks: list):

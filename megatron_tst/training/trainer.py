@@ -20,7 +20,7 @@ from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
 from megatron_tst.data.build import build_run_data
 from megatron_tst.data.datasets import BatchLayout, ChunkView, iterate_microbatches
-from megatron_tst.models.gpt import build_model, count_parameters, padded_vocab_size
+from megatron_tst.models.gpt import build_model_chunks, count_parameters, padded_vocab_size
 from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training.distributed import init_distributed
 from megatron_tst.training.flops import flops_per_step
@@ -70,9 +70,9 @@ class Trainer:
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                             cfg.parallel.tensor_model_parallel_size)
 
-        model = build_model(cfg, self.vocab_size).to(self.env.device)
-        self.num_params = count_parameters(model)
-        self.model = [wrap_model(cfg, model)]
+        chunks = [c.to(self.env.device) for c in build_model_chunks(cfg, self.vocab_size)]
+        self.num_params = sum(count_parameters(c) for c in chunks)
+        self.model = [wrap_model(cfg, c, i) for i, c in enumerate(chunks)]
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         connect_schedule_hooks(self.model, self.optimizer)
@@ -153,8 +153,10 @@ class Trainer:
                 f"superposition phase cannot follow recovery steps",
                 key="tst.superposition_steps", value=self.cfg.tst.superposition_steps)
         view = ChunkView(dataset, c, phase.bag_size)
-        return iterate_microbatches(view, self.layout, start_tokens // sample_tokens,
-                                    num_steps=num_steps, num_workers=workers)
+        iterators = [iterate_microbatches(view, self.layout, start_tokens // sample_tokens,
+                                          num_steps=num_steps, num_workers=workers)
+                     for _ in self.model]  # the interleaved schedule reads one per model chunk
+        return iterators[0] if len(iterators) == 1 else iterators
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -78,6 +78,8 @@ def test_wrong_types_are_rejected(recipe, override, expected):
     (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
     (["parallel.context_parallel_size=2"], "parallel.context_parallel_size"),
+    (["parallel.virtual_pipeline_model_parallel_size=2"],
+     "parallel.virtual_pipeline_model_parallel_size"),
     (["parallel.expert_model_parallel_size=2"], "parallel.expert_model_parallel_size"),
     (["schedule.warmup_steps=100", "training.train_steps=100"], "schedule.warmup_steps"),
     (["schedule.final_lr=1.0"], "schedule.final_lr"),
