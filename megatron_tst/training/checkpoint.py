@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
+from megatron_tst.training.optim import inner_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -234,17 +235,12 @@ def _saved_layout(path: Path) -> tuple[int, int]:
     return saved["pipeline_model_parallel_size"], saved["tensor_model_parallel_size"]
 
 
-def _inner_optimizers(optimizer) -> list:
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
-            if getattr(o, "optimizer", None) is not None]
-
-
 def _materialize_optimizer_state(optimizer) -> None:
     """Create Adam's moment tensors before loading, so the sharded state dict has targets.
 
     A step with all-zero gradients on freshly built state; the loaded values overwrite it.
     """
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         if any(len(s) for s in inner.state.values()):
             continue
         for group in inner.param_groups:
@@ -267,7 +263,7 @@ def _materialize_optimizer_state(optimizer) -> None:
 
 def _sync_optimizer_step_counts(optimizer) -> None:
     """torch's AdamW keeps a per-parameter ``step``; megatron saves it per param group."""
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue

@@ -79,6 +79,12 @@ def connect_schedule_hooks(model_chunks: list, optimizer) -> None:
         config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
 
 
+def inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside a megatron (possibly chained) optimizer."""
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(o, "optimizer", None) is not None]
+
+
 def build_scheduler(cfg: RunConfig, optimizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 

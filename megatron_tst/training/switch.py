@@ -14,6 +14,7 @@ import logging
 import torch
 
 from megatron_tst.config import RunConfig
+from megatron_tst.training.optim import inner_optimizers
 
 log = logging.getLogger("megatron_tst")
 
@@ -43,10 +44,7 @@ def reinit_embeddings(cfg: RunConfig, model_chunks: list) -> None:
 
 
 def reset_optimizer_state(optimizer) -> None:
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+    for inner in inner_optimizers(optimizer):
         inner.state = collections.defaultdict(dict)
         for group in inner.param_groups:
             group.pop("step", None)

@@ -163,7 +163,7 @@ class Trainer:
         """Next-token loss on the held-out split; in the superposition phase also its MCE."""
         t = self.cfg.training
         runs = [("loss", self.standard_step, Phase(RECOVERY, 1))]
-        if self.schedule.phase(max(self.state.step - 1, 0)).name == SUPERPOSITION:
+        if self.state.phase == SUPERPOSITION:  # the phase of the last completed step
             runs.append(("mce", self.superposition_step,
                          Phase(SUPERPOSITION, self.schedule.bag_size)))
         for chunk in self.model:

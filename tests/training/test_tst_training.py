@@ -85,3 +85,13 @@ def test_tensor_parallel_tst_matches_one_process(tiny_recipe, tmp_path):
     for x, y in zip(a, b):  # same init (CPU initialisation), same data; sums in another order
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)  # measured: ~1e-7
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+
+
+def test_switch_ablations_run(tiny_recipe, tmp_path):
+    """The paper's two ablations: fresh optimizer state and re-initialised embeddings at the switch."""
+    run = tmp_path / "ablate"
+    out = run_cli(["train", str(tiny_recipe), f"run_dir={run}", *TST, "training.eval_interval=0",
+                   "tst.reset_optimizer_at_switch=true", "tst.reinit_embeddings_at_switch=true"])
+    assert "switch: re-initialised the input embedding and LM head" in out.stdout
+    assert "switch: reset the optimizer state" in out.stdout
+    assert [r["phase"] for r in records(run)] == ["superposition"] * 3 + ["recovery"] * 3
