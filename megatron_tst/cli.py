@@ -22,13 +22,15 @@ def _cmd_train(args) -> int:
     from megatron_tst.training.distributed import destroy_distributed
     from megatron_tst.training.trainer import train
 
+    from megatron_tst.training.signals import EXIT_PREEMPTED, PREEMPTED
+
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg)
     finally:
         destroy_distributed()
     _print_summary(cfg, result)
-    return 0
+    return EXIT_PREEMPTED if result.status == PREEMPTED else 0
 
 
 def _cmd_demo(args) -> int:
@@ -45,7 +47,9 @@ def _print_summary(cfg, result) -> None:
 
     if int(os.environ.get("RANK", 0)) != int(os.environ.get("WORLD_SIZE", 1)) - 1:
         return
-    print(f"\nrun '{cfg.name}' finished at step {result.step} in {result.wall_time_s:.1f} s")
+    how = {"preempted": f"stopped by {result.signal}", "stopped": "stopped (exit_at_step)"}
+    print(f"\nrun '{cfg.name}' {how.get(result.status, 'finished')} at step {result.step} "
+          f"in {result.wall_time_s:.1f} s")
     if result.train_loss is not None:
         print(f"  final training loss   {result.train_loss:.4f}")
     if result.valid_loss is not None:

@@ -101,6 +101,9 @@ class TrainingConfig:
     # Stop (after saving a checkpoint) once this step is done, although the LR schedule runs to
     # train_steps: for time-boxed jobs and resume tests. None = run to train_steps.
     exit_at_step: Optional[int] = None
+    # Signals that make every rank finish the step, save a checkpoint and exit with status 75
+    # (Slurm: SIGTERM on preemption/requeue, SIGUSR1 from --signal=B:USR1@T before the limit).
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -288,6 +291,13 @@ class RunConfig:
         self._validate_tst()
         if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.train_steps:
             fail("training.exit_at_step", f"must be in [1, training.train_steps={t.train_steps}]")
+        from megatron_tst.training.signals import signal_number
+
+        for name in t.exit_signals:
+            try:
+                signal_number(name)
+            except ValueError as err:
+                fail("training.exit_signals", str(err))
         lo = self.checkpoint.load
         if lo not in ("auto", "none") and not lo:
             fail("checkpoint.load", "must be 'auto', 'none' or a checkpoint directory")

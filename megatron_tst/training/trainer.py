@@ -30,6 +30,8 @@ from megatron_tst.training.optim import (build_optimizer, build_scheduler, conne
                                         wrap_model)
 from megatron_tst.training.step import (make_forward_step, make_superposition_forward_step,
                                         reduce_loss)
+from megatron_tst.training.signals import (FINISHED, PREEMPTED, STOPPED, ExitSignalHandler,
+                                           write_exit_status)
 from megatron_tst.training.switch import apply_switch
 from megatron_tst.tst.schedule import RECOVERY, SUPERPOSITION, Phase, PhaseSchedule
 
@@ -44,6 +46,8 @@ class TrainResult:
     checkpoint: Optional[str]
     consumed_tokens: int
     wall_time_s: float
+    status: str = FINISHED  # finished | stopped (training.exit_at_step) | preempted (a signal)
+    signal: Optional[str] = None
 
 
 class Trainer:
@@ -87,6 +91,7 @@ class Trainer:
 
         self.state = ckpt.TrainState(data_chunk=c)
         self.last_checkpoint: Optional[Path] = None
+        self.saved_at: Optional[int] = None
         load_path = ckpt.resolve_load_path(cfg)
         if load_path is not None:
             self.state = ckpt.load_checkpoint(load_path, cfg, self.model, self.optimizer,
@@ -186,6 +191,7 @@ class Trainer:
     def save(self) -> None:
         self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
                                                     self.scheduler, self.state)
+        self.saved_at = self.state.step
         self.metrics.event(self.state.step, f"saved checkpoint {self.last_checkpoint}")
 
     # ------------------------------------------------------------------------------- loop
@@ -197,6 +203,9 @@ class Trainer:
         train_loss = valid_loss = None
         evaluated_at = None  # same on every rank (the loss itself exists on the last stage only)
         it, current = None, None
+        signals = ExitSignalHandler(t.exit_signals, self.env.device)
+        self._write_status("running")
+        received = None
         while st.step < stop:
             phase = sched.phase(st.step)
             if phase != current:
@@ -232,12 +241,33 @@ class Trainer:
             if (interval and st.step % interval == 0) or (
                     st.step == stop and (cfg.checkpoint.save_final or stop < t.train_steps)):
                 self.save()
-        if t.eval_interval and evaluated_at != st.step:
+            received = signals.agreed()
+            if received:
+                log.warning("%s received: saving at step %d and exiting with status 75 "
+                            "(resubmit to resume)", received, st.step)
+                if self.saved_at != st.step:
+                    self.save()
+                self.metrics.event(st.step, f"stopped by {received}")
+                break
+        signals.restore()
+        if t.eval_interval and evaluated_at != st.step and not received:
             valid_loss = self._log_eval()
         self.metrics.close()
-        return TrainResult(st.step, train_loss, valid_loss,
-                           str(self.last_checkpoint) if self.last_checkpoint else None,
-                           st.consumed_tokens, time.time() - start)
+        status = PREEMPTED if received else FINISHED if st.step >= t.train_steps else STOPPED
+        result = TrainResult(st.step, train_loss, valid_loss,
+                             str(self.last_checkpoint) if self.last_checkpoint else None,
+                             st.consumed_tokens, time.time() - start, status, received)
+        self._write_status(status, result.checkpoint, received)
+        return result
+
+    def _write_status(self, status: str, checkpoint: Optional[str] = None,
+                      signal_name: Optional[str] = None) -> None:
+        """``exit_status.json`` for launchers: 'running' until the loop ends, so that a crash is
+        never mistaken for a clean preemption."""
+        if self.env.rank == 0:
+            write_exit_status(self.cfg.resolved_run_dir, status=status, step=self.state.step,
+                              train_steps=self.cfg.training.train_steps, checkpoint=checkpoint,
+                              signal_name=signal_name)
 
     def _log_eval(self) -> Optional[float]:
         losses = self.evaluate()

@@ -1,0 +1,79 @@
+"""Stop cleanly on a signal: finish the step, save, exit with a status a launcher can act on.
+
+Slurm sends SIGTERM when it preempts or requeues a job and, with ``--signal=B:USR1@T``, SIGUSR1
+ahead of the time limit. A handler for each name in ``training.exit_signals`` only records the
+signal; after every step the ranks agree on it (one MAX all-reduce of the signal number, so a
+signal that reached a single rank stops them all at the same step), the trainer saves a
+checkpoint and the process exits with ``EXIT_PREEMPTED``. Every ``train`` command ends by
+writing ``<run_dir>/exit_status.json`` (``write_exit_status``), which launchers read, because
+``torchrun`` reports any non-zero worker exit as its own status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped early; resubmit (requeue) to continue
+FINISHED, PREEMPTED, STOPPED = "finished", "preempted", "stopped"
+
+
+def signal_number(name: str) -> int:
+    """``"SIGUSR1"`` or ``"USR1"`` -> its number; ValueError names the valid spellings."""
+    key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+    try:
+        return int(signal.Signals[key])
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}; use names such as SIGTERM, SIGUSR1, "
+                         f"SIGUSR2, SIGINT") from None
+
+
+class ExitSignalHandler:
+    """Records the exit signals; ``agreed()`` is a collective every rank calls after each step."""
+
+    def __init__(self, names: list[str], device: "torch.device"):
+        self.device = device
+        self.received = 0  # signal number, 0 = none
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread (e.g. not in tests' threads)
+        for num in {signal_number(n) for n in names}:
+            self._previous[num] = signal.signal(num, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> Optional[str]:
+        """The signal any rank received (the highest number if several), or None."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.received], dtype=torch.int64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        num = int(flag.item())
+        return signal.Signals(num).name if num else None
+
+    def restore(self) -> None:
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+        self._previous.clear()
+
+
+def write_exit_status(run_dir: str | Path, *, status: str, step: int, train_steps: int,
+                      checkpoint: Optional[str], signal_name: Optional[str]) -> Path:
+    """Atomically write ``exit_status.json`` (written by global rank 0 only)."""
+    path = Path(run_dir) / "exit_status.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"status": status, "step": step, "train_steps": train_steps,
+                               "checkpoint": checkpoint, "signal": signal_name}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
