@@ -7,7 +7,6 @@ Single process: ``megatron-tst train configs/x.yaml key=value ...``. Several pro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -72,20 +71,9 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from megatron_tst.training.checkpoint import latest_checkpoint
+    from megatron_tst.inspect import run_inspect
 
-    path = Path(args.checkpoint)
-    if (path / "latest").is_file():
-        path = latest_checkpoint(path)
-    if not (path / "metadata.json").is_file():
-        raise ConfigError(f"{path} is not a megatron-tst checkpoint (no metadata.json)")
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    print(json.dumps({"path": str(path), "train_state": common["train_state"],
-                      "scheduler": common["scheduler"], "run_config": common["run_config"]},
-                     indent=2, default=str))
-    return 0
+    return run_inspect(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(p)
     p.set_defaults(func=_cmd_study)
 
-    p = sub.add_parser("inspect", help="print a checkpoint's train state and run config")
-    p.add_argument("checkpoint", help="a step_* directory or a checkpoint root")
+    p = sub.add_parser("inspect", help="a recipe's sizes (parameters, FLOPs, tokens, memory) "
+                                       "or a checkpoint's train state and run config")
+    from megatron_tst.inspect import add_inspect_arguments
+
+    add_inspect_arguments(p)
     p.set_defaults(func=_cmd_inspect)
     return parser
 

@@ -35,6 +35,8 @@ class ModelConfig:
     activation: Literal["swiglu", "gelu"] = "swiglu"
     position_embedding: Literal["rope", "none"] = "rope"
     rotary_base: int = 10000
+    # RoPE left out in every n-th layer (SmolLM3's NoPE layers): 4 = layers 4, 8, ... have none
+    no_rope_freq: Optional[int] = None
     qk_layernorm: bool = False
     untie_embeddings: bool = True
     init_method_std: float = 0.02
@@ -268,6 +270,10 @@ class RunConfig:
                      "for MoE with tensor parallelism: set parallel.sequence_parallel=true")
             if not 1 <= m.moe_router_topk <= m.num_moe_experts:
                 fail("model.moe_router_topk", f"must be in [1, model.num_moe_experts={m.num_moe_experts}]")
+        if m.no_rope_freq is not None and (
+                m.no_rope_freq < 1 or m.num_layers % m.no_rope_freq or m.position_embedding != "rope"):
+            fail("model.no_rope_freq", f"must divide model.num_layers={m.num_layers} and needs "
+                                       "model.position_embedding=rope (or null)")
         if m.vocab_size is not None and m.vocab_size < 1:
             fail("model.vocab_size", "must be positive (or null to take the tokenizer's)")
         if not 0.0 <= self.schedule.decay_fraction <= 1.0:

@@ -70,6 +70,7 @@ def build_transformer_config(cfg: RunConfig):
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         add_bias_linear=False,
         qk_layernorm=m.qk_layernorm,
+        no_rope_freq=m.no_rope_freq,
         init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,

@@ -21,9 +21,9 @@ from megatron_tst.config.loader import config_to_yaml
 from megatron_tst.data.build import build_run_data
 from megatron_tst.data.datasets import BatchLayout, ChunkView, iterate_microbatches
 from megatron_tst.models.gpt import build_model_chunks, count_parameters, padded_vocab_size
+from megatron_tst.models.sizing import flops_per_step
 from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training.distributed import init_distributed
-from megatron_tst.training.flops import flops_per_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
 from megatron_tst.training.moe_metrics import moe_metrics
 from megatron_tst.training.optim import (build_optimizer, build_scheduler, connect_schedule_hooks,

@@ -65,3 +65,26 @@ def test_causal(cfg, megatron_env):
     b = model(tokens2, pos, attention_mask=None)
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_no_rope_layers(cfg, megatron_env):
+    """SmolLM3-style NoPE layers: model.no_rope_freq=2 leaves RoPE out of every 2nd layer, and
+    that changes the forward pass (layer 2 sees no rotary embedding)."""
+    from megatron_tst.config import ConfigError
+
+    cfg.model.no_rope_freq = 2
+    assert build_transformer_config(cfg).no_rope_freq == [0, 1]
+    tokens = torch.randint(0, 128, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    torch.manual_seed(0)
+    nope = build_model(cfg, vocab_size=128)
+    cfg.model.no_rope_freq = None
+    torch.manual_seed(0)
+    rope = build_model(cfg, vocab_size=128)
+    rope.load_state_dict(nope.state_dict())
+    with torch.no_grad():
+        a = nope(tokens, positions, attention_mask=None)
+        b = rope(tokens, positions, attention_mask=None)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ConfigError, match="model.no_rope_freq"):
+        load_config(None, ["data.source=demo", "model.num_layers=3", "model.no_rope_freq=2"])

@@ -17,12 +17,12 @@ def test_save_stop_resume_is_bitwise_identical(tiny_recipe, tmp_path):
     run_cli(["train", str(tiny_recipe), f"run_dir={full}"])
     # Same recipe, stopped after step 3 (the schedule still runs to train_steps), then resumed.
     first = run_cli(["train", str(tiny_recipe), f"run_dir={split}", "training.exit_at_step=3"])
-    assert "finished at step 3" in first.stdout
+    assert "stopped (exit_at_step) at step 3" in first.stdout
     ckpt = split / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_0000003"
     assert (ckpt / "step_0000003" / "run_config.yaml").is_file()
     second = run_cli(["train", str(tiny_recipe), f"run_dir={split}"])
-    assert "resumed from" in second.stdout
+    assert "resumed from" in second.stdout and "finished at step 6" in second.stdout
     assert losses(split) == losses(full)  # exact float equality, every step
     assert [r["loss"] for r in read_metrics(split, "valid")][-1] == \
         [r["loss"] for r in read_metrics(full, "valid")][-1]

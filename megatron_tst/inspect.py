@@ -1,0 +1,155 @@
+"""``megatron-tst inspect``: what a recipe costs before it runs, or what a checkpoint holds.
+
+A recipe report gives parameter counts (total, active, embedding), the layout on a number of
+GPUs, model FLOPs per step (equal in both TST phases), data tokens and model positions per step
+in each phase and over the run, and the memory estimate of the most loaded GPU
+(``models/sizing.py``). Nothing is built and no process group is created.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_tst.config import ConfigError, RunConfig
+from megatron_tst.models.gpt import padded_vocab_size
+from megatron_tst.models.sizing import GiB, flops_per_step, memory_estimate, parameter_counts
+from megatron_tst.tst.schedule import PhaseSchedule
+
+
+def recipe_report(cfg: RunConfig, gpus: int) -> dict:
+    """Figures for ``cfg`` on ``gpus`` GPUs (ConfigError if the layout does not fit)."""
+    cfg.validate_layout(gpus)
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    if m.vocab_size is None:
+        raise ConfigError("inspect needs the vocabulary size: set model.vocab_size (the "
+                          "tokenizer's) in the recipe or as an override",
+                          key="model.vocab_size", value=None)
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
+                              p.tensor_model_parallel_size)
+    counts = parameter_counts(cfg, vocab)
+    sched = PhaseSchedule.from_config(cfg)
+    positions = t.global_batch_size * m.seq_length
+    flops = flops_per_step(cfg, vocab)
+    mem = memory_estimate(cfg, vocab, gpus)
+    dp = cfg.data_parallel_size(gpus)
+    phases = []
+    if sched.is_tst:
+        phases.append({"phase": "superposition", "bag_size": sched.bag_size,
+                       "steps": [1, sched.superposition_steps],
+                       "data_tokens_per_step": positions * sched.bag_size,
+                       "positions_per_step": positions})
+    if sched.superposition_steps < t.train_steps:
+        phases.append({"phase": "recovery" if sched.is_tst else "standard", "bag_size": 1,
+                       "steps": [sched.superposition_steps + 1, t.train_steps],
+                       "data_tokens_per_step": positions, "positions_per_step": positions})
+    return {
+        "name": cfg.name,
+        "model": {"layers": m.num_layers, "hidden": m.hidden_size,
+                  "heads": m.num_attention_heads,
+                  "kv_groups": m.num_query_groups or m.num_attention_heads,
+                  "ffn": m.moe_ffn_hidden_size if m.num_moe_experts else m.ffn_hidden_size,
+                  "experts": m.num_moe_experts, "topk": m.moe_router_topk if m.num_moe_experts
+                  else None, "seq_length": m.seq_length, "vocab": m.vocab_size,
+                  "padded_vocab": vocab},
+        "parameters": {"total": counts.total, "active": counts.active,
+                       "embedding": counts.embedding, "output": counts.output,
+                       "non_embedding": counts.non_embedding,
+                       "active_non_embedding": counts.active - counts.embedding - counts.output},
+        "layout": {"gpus": gpus, "tp": p.tensor_model_parallel_size,
+                   "pp": p.pipeline_model_parallel_size, "dp": dp,
+                   "ep": p.expert_model_parallel_size, "sequence_parallel": p.sequence_parallel,
+                   "distributed_optimizer": p.use_distributed_optimizer,
+                   "micro_batch_size": t.micro_batch_size,
+                   "microbatches_per_step": t.global_batch_size // (t.micro_batch_size * dp)},
+        "flops_per_step": flops, "flops_per_step_per_gpu": flops / gpus,
+        "run_flops": flops * t.train_steps,
+        "phases": phases,
+        "run_data_tokens": sched.data_tokens(t.train_steps, t.global_batch_size, m.seq_length),
+        "run_positions": positions * t.train_steps,
+        "memory_per_gpu_bytes": {"params_on_gpu": mem.params_on_gpu, "weights": mem.weights,
+                                 "gradients": mem.gradients, "optimizer": mem.optimizer,
+                                 "activations": mem.activations, "logits": mem.logits,
+                                 "total": mem.total},
+    }
+
+
+def _n(x: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f}{unit}"
+    return f"{x:g}"
+
+
+def format_recipe_report(r: dict, source: str) -> str:
+    m, pc, lay, mem = r["model"], r["parameters"], r["layout"], r["memory_per_gpu_bytes"]
+    heads = f"{m['heads']} heads ({m['kv_groups']} KV groups)"
+    mlp = (f"{m['experts']} experts of FFN {m['ffn']}, top-{m['topk']}" if m["experts"]
+           else f"FFN {m['ffn']}")
+    lines = [
+        f"recipe           {source} ({r['name']})",
+        f"model            {m['layers']} layers, hidden {m['hidden']}, {heads}, {mlp}, "
+        f"sequence {m['seq_length']}, vocab {m['vocab']:,} (padded {m['padded_vocab']:,})",
+        f"parameters       {pc['total']:,} ({_n(pc['total'])}): embedding {_n(pc['embedding'])}"
+        f", LM head {_n(pc['output'])}, non-embedding {_n(pc['non_embedding'])}",
+        f"active/token     {pc['active']:,} ({_n(pc['active'])}; "
+        f"{_n(pc['active_non_embedding'])} without embedding and LM head)",
+        f"layout           {lay['gpus']} GPUs = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}"
+        f" (EP {lay['ep']}{', SP' if lay['sequence_parallel'] else ''}"
+        f"{', distributed optimizer' if lay['distributed_optimizer'] else ''}), micro-batch "
+        f"{lay['micro_batch_size']}, {lay['microbatches_per_step']} micro-batches per step",
+        f"FLOPs per step   {r['flops_per_step']:.3e} (equal in both phases), "
+        f"{r['flops_per_step_per_gpu']:.3e} per GPU; run {r['run_flops']:.3e}",
+    ]
+    for ph in r["phases"]:
+        s = f"s={ph['bag_size']}, " if ph["phase"] == "superposition" else ""
+        lines.append(f"{ph['phase']:<17}{s}steps {ph['steps'][0]}-{ph['steps'][1]}: "
+                     f"{ph['data_tokens_per_step']:,} data tokens and "
+                     f"{ph['positions_per_step']:,} positions per step")
+    lines.append(f"run tokens       {_n(r['run_data_tokens'])} data tokens, "
+                 f"{_n(r['run_positions'])} positions")
+    lines.append(
+        f"memory per GPU   ~{mem['total'] / GiB:.1f} GiB (estimate, most loaded GPU): weights "
+        f"{mem['weights'] / GiB:.1f}, gradients {mem['gradients'] / GiB:.1f}, optimizer "
+        f"{mem['optimizer'] / GiB:.1f}, activations {mem['activations'] / GiB:.1f}, logits "
+        f"{mem['logits'] / GiB:.1f} ({_n(mem['params_on_gpu'])} parameters on the GPU)")
+    return "\n".join(lines)
+
+
+def checkpoint_report(path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    from megatron_tst.training.checkpoint import latest_checkpoint
+
+    if (path / "latest").is_file():
+        path = latest_checkpoint(path)
+    if not (path / "metadata.json").is_file():
+        raise ConfigError(f"{path} is neither a recipe (.yaml) nor a megatron-tst checkpoint "
+                          f"(no metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return {"path": str(path), "train_state": common["train_state"],
+            "scheduler": common["scheduler"], "run_config": common["run_config"]}
+
+
+def run_inspect(args) -> int:
+    from megatron_tst.config import load_config
+
+    path = Path(args.target)
+    if path.suffix in (".yaml", ".yml"):
+        report = recipe_report(load_config(str(path), args.overrides), args.gpus)
+        print(json.dumps(report, indent=2) if args.json else format_recipe_report(report, str(path)))
+        return 0
+    if args.overrides:
+        raise ConfigError("overrides apply to a recipe, not to a checkpoint: "
+                          f"drop {' '.join(args.overrides)}")
+    print(json.dumps(checkpoint_report(path), indent=2, default=str))
+    return 0
+
+
+def add_inspect_arguments(p) -> None:
+    p.add_argument("target", help="a recipe (.yaml), a checkpoint step_* directory or a "
+                                  "checkpoint root")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.micro_batch_size=2")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs for the layout and memory figures "
+                                                      "(default 8: one node)")
+    p.add_argument("--json", action="store_true", help="print the recipe report as JSON")

@@ -1,0 +1,130 @@
+"""The GPU presets: every recipe is built on the meta device through real megatron-core and its
+parameter counts are checked against the sizes the recipes are named for and against the
+analytic counts ``inspect`` prints; memory terms are checked against a real optimizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_tst.config import load_config
+from megatron_tst.models.gpt import build_model, count_parameters, padded_vocab_size
+from megatron_tst.models.sizing import flops_per_step, memory_estimate, parameter_counts
+from tests.conftest import REPO, run_cli
+
+# recipe -> (nominal total, nominal active without embedding and LM head, exact total).
+# Nominal sizes are the paper's names: untied embeddings with the 128k Llama-3 vocabulary make
+# the small models a little lighter and the 3B a little heavier than their names.
+PRESETS = {
+    "270m": (270e6, None, 253_954_368),
+    "600m": (600e6, None, 560_886_720),
+    "3b": (3e9, None, 3_337_766_912),
+    "10b-a1b": (10e9, 1e9, 10_416_399_872),
+}
+SINGLE_RANK = ["parallel.tensor_model_parallel_size=1", "parallel.expert_model_parallel_size=1",
+               "parallel.sequence_parallel=false", "model.moe_grouped_gemm=false",
+               "model.transformer_impl=local"]
+
+
+def _load(name, overrides=()):
+    return load_config(str(REPO / "configs" / f"{name}.yaml"), list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_built_on_meta_device_has_the_expected_size(name, megatron_env):
+    nominal, nominal_active, exact = PRESETS[name]
+    cfg = _load(name, SINGLE_RANK)
+    vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
+    with torch.device("meta"):
+        model = build_model(cfg, vocab)
+    assert next(model.parameters()).is_meta
+    built = count_parameters(model)
+    assert built == exact == parameter_counts(cfg, vocab).total
+    assert abs(built - nominal) / nominal < 0.15, f"{name}: {built:,} is not ~{nominal:,.0f}"
+
+    # Active parameters from the built model: all but the experts a token is not routed to.
+    m = cfg.model
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = built - (expert * (m.num_moe_experts - m.moe_router_topk) // m.num_moe_experts
+                      if m.num_moe_experts else 0)
+    counts = parameter_counts(cfg, vocab)
+    assert counts.active == active
+    if nominal_active:
+        head = sum(p.numel() for n, p in model.named_parameters()
+                   if n.startswith(("embedding.", "output_layer.")))
+        assert abs(active - head - nominal_active) / nominal_active < 0.15
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_recipe_is_the_papers_setup_with_a_baseline_twin(name):
+    cfg, twin = _load(name), _load(f"{name}-baseline")
+    moe = name == "10b-a1b"
+    positions = cfg.training.global_batch_size * cfg.model.seq_length
+    assert positions == (8 if moe else 2) * 2 ** 20  # 2M (MoE: 8M) equivalent tokens per step
+    assert (cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2) == (0.9, 0.95)
+    assert cfg.schedule.warmup_steps == 2000 and cfg.schedule.decay_fraction == 0.1
+    assert cfg.schedule.decay_style == "linear" and cfg.model.untie_embeddings
+    assert cfg.tst.bag_size == (16 if moe else 6)
+    steps = cfg.tst.num_superposition_steps(cfg.training.train_steps)
+    assert steps == (12483 if moe else 6000)
+    # The twin differs only in its name and in having no superposition phase.
+    a, b = cfg.to_dict(), twin.to_dict()
+    assert twin.tst.bag_size == 1 and b.pop("name") != a.pop("name")
+    a.pop("tst"), b.pop("tst")
+    assert a == b
+    for gpus in (8, 64):  # one node and eight
+        cfg.validate_layout(gpus)
+
+
+def test_flops_follow_the_paper_convention():
+    cfg = _load("270m")
+    m, t, vocab = cfg.model, cfg.training, 128256
+    per_layer = (576 * (576 + 2 * 192) + 576 * 576) + 3 * 576 * 1536
+    n = 30 * per_layer + 576 * vocab
+    attention = 12 * 30 * m.seq_length * 576
+    assert flops_per_step(cfg, vocab) == (6 * n + attention) * m.seq_length * t.global_batch_size
+
+
+def test_memory_terms_match_a_real_model_and_optimizer(tiny_recipe, megatron_env):
+    """Weights, fp32 gradient buffer and Adam state of a real megatron optimizer, 1 rank."""
+    from megatron_tst.training.optim import build_optimizer, wrap_model
+
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_config(str(tiny_recipe), [f"model.params_dtype={dtype}"])
+        vocab = 128
+        model = [wrap_model(cfg, build_model(cfg, vocab))]
+        optimizer = build_optimizer(cfg, model)
+        for p in model[0].parameters():
+            p.main_grad.zero_()
+        optimizer.step()  # materialises the Adam moments
+        est = memory_estimate(cfg, vocab, world_size=1)
+        weights = sum(p.numel() * p.element_size() for p in model[0].parameters())
+        grads = sum(b.grad_data.numel() * b.grad_data.element_size()
+                    for b in model[0].buffers)
+        state = 0
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            inner = opt.optimizer
+            state += sum(t.numel() * t.element_size() for s in inner.state.values()
+                         for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+            # fp32 main copies of half-precision weights (none for an fp32 model)
+            state += 4 * sum(p.numel() for g in getattr(opt, "fp32_from_float16_groups", [])
+                             for p in g)
+        assert (est.weights, est.gradients, est.optimizer) == (weights, grads, state), dtype
+
+
+def test_inspect_prints_a_recipe_report():
+    out = run_cli(["inspect", "configs/10b-a1b.yaml", "--gpus", "64", "--json"]).stdout
+    report = json.loads(out[out.index("{"):])
+    assert report["parameters"]["total"] == PRESETS["10b-a1b"][2]
+    assert report["layout"] == {**report["layout"], "gpus": 64, "dp": 64, "ep": 8}
+    sup, rec = report["phases"]
+    assert sup["data_tokens_per_step"] == 16 * rec["data_tokens_per_step"] == 16 * 8 * 2 ** 20
+    assert sup["steps"] == [1, 12483] and rec["steps"] == [12484, 49983]
+    assert 1.9e12 < report["run_data_tokens"] < 2.1e12  # the paper's ~2T for TST
+
+    text = run_cli(["inspect", "configs/270m.yaml", "training.micro_batch_size=2"]).stdout
+    assert "253,954,368" in text and "memory per GPU" in text and "micro-batch 2" in text
+    bad = run_cli(["inspect", "configs/3b.yaml", "--gpus", "3"], check=False)
+    assert bad.returncode == 2 and "world size 3" in bad.stderr and "Traceback" not in bad.stderr
