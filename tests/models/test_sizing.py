@@ -12,7 +12,7 @@ import torch
 from megatron_tst.config import load_config
 from megatron_tst.models.gpt import build_model, count_parameters, padded_vocab_size
 from megatron_tst.models.sizing import flops_per_step, memory_estimate, parameter_counts
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_metrics, run_cli
 
 # recipe -> (nominal total, nominal active without embedding and LM head, exact total).
 # Nominal sizes are the paper's names: untied embeddings with the 128k Llama-3 vocabulary make
@@ -128,3 +128,28 @@ def test_inspect_prints_a_recipe_report():
     assert "253,954,368" in text and "memory per GPU" in text and "micro-batch 2" in text
     bad = run_cli(["inspect", "configs/3b.yaml", "--gpus", "3"], check=False)
     assert bad.returncode == 2 and "world size 3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+SHRINK = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+          "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=32",
+          "model.vocab_size=null", "training.train_steps=4", "training.micro_batch_size=2",
+          "training.global_batch_size=4", "training.eval_interval=0", "training.log_interval=1",
+          "schedule.warmup_steps=1", "logging.wandb=false", "logging.tensorboard=false",
+          "checkpoint.save_interval=0", "data.num_workers=0"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_recipe_trains_when_shrunk(name, tmp_path, synthetic_data):
+    """Every key of the GPU recipe except the sizes (bf16, distributed optimizer with overlap,
+    qk-norm, NoPE layers, MoE routing, TST bag size) through 4 real steps on CPU."""
+    d = synthetic_data
+    moe = ["model.kv_channels=32", "model.num_moe_experts=4", "model.moe_router_topk=2",
+           "model.moe_ffn_hidden_size=32", "tst.superposition_steps=2"] if name == "10b-a1b" else []
+    run_cli(["train", f"configs/{name}.yaml", *SINGLE_RANK, *SHRINK, *moe,
+             f"run_dir={tmp_path}", f"data.train_paths=[{d['train']}]", "data.train_weights=null",
+             f"data.valid_paths=[{d['valid']}]", "data.tokenizer.type=sentencepiece",
+             f"data.tokenizer.path={d['tokenizer']}", "data.tokenizer.eod_token=null"])
+    train = read_metrics(tmp_path)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert train[0]["phase"] == "superposition" and train[-1]["phase"] == "recovery"
+    assert all(r["loss"] == r["loss"] for r in train)  # finite
