@@ -71,6 +71,12 @@ class Trainer:
                                    num_train_samples=math.ceil(total_units / c),
                                    num_valid_samples=t.eval_steps * t.global_batch_size)
         vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
+        if vocab < self.data.tokenizer.vocab_size:
+            raise ConfigError(
+                f"is smaller than the tokenizer's vocabulary ({self.data.tokenizer.vocab_size:,} "
+                f"entries, {cfg.data.tokenizer.path or 'the demo tokenizer'}): token ids would "
+                f"fall outside the embedding. Set model.vocab_size={self.data.tokenizer.vocab_size}"
+                f" or null (the tokenizer's)", key="model.vocab_size", value=vocab)
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                             cfg.parallel.tensor_model_parallel_size)
 

@@ -86,3 +86,9 @@ def test_loss_decreases_on_bundled_corpus(tmp_path):
     assert valid[-1]["loss"] < train[0] - 1.0
     assert "final validation loss" in out.stdout and "checkpoint" in out.stdout
     assert (run / "data" / "train.bin").is_file()  # the prepared corpus is cached in the run dir
+
+
+def test_vocab_smaller_than_the_tokenizer_is_refused(tiny_recipe):
+    res = run_cli(["train", str(tiny_recipe), "model.vocab_size=50"], check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "model.vocab_size=50: is smaller than the tokenizer's vocabulary (96" in res.stderr
