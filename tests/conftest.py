@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +45,12 @@ def synthetic_data(tmp_path_factory) -> dict:
             "valid": str(root / "valid"), "eod": sp.eos_id()}
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, synthetic_data) -> Path:
-    """A tiny model on the synthetic data; tests override what they need."""
+def write_tiny_recipe(root: Path, synthetic_data: dict) -> Path:
+    """A tiny model on the synthetic data (run_dir ``root/run``); tests override what they need."""
     recipe = {
         "base": str(REPO / "configs" / "demo-cpu.yaml"),
         "name": "tiny",
-        "run_dir": str(tmp_path / "run"),
+        "run_dir": str(root / "run"),
         "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                   "num_query_groups": 2, "ffn_hidden_size": 128, "seq_length": 32},
         "data": {"source": "indexed", "train_paths": [synthetic_data["train"]],
@@ -62,9 +63,14 @@ def tiny_recipe(tmp_path, synthetic_data) -> Path:
         "logging": {"wandb": False},
         "tst": {"bag_size": 1, "ratio": None},  # standard training unless a test turns TST on
     }
-    path = tmp_path / "tiny.yaml"
+    path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, synthetic_data) -> Path:
+    return write_tiny_recipe(tmp_path, synthetic_data)
 
 
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
@@ -76,8 +82,22 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | Non
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(_free_port()), "-m", "megatron_tst.cli", *args]
     full_env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                            cwd=REPO)
+    # Output goes to files and the command gets its own process group, killed at the end: a
+    # process killed mid-run (the crash tests) leaves helper processes (megatron's checkpoint
+    # writer) that would hold a pipe open.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=REPO,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0), err.seek(0)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

@@ -6,19 +6,27 @@ Layout of ``checkpoint.dir``::
     step_0000100/           one dist checkpoint: model, optimizer, LR schedule, train state
         run_config.yaml     the resolved run config, human-readable
         ...                 megatron's sharded files (resharding-capable across TP/PP/DP)
+        checkpoint.json     the completion record (format version, step), written after every
+                            rank has finished: a directory without it is never loaded
 
-A checkpoint is only ever referenced by ``latest`` after every rank finished writing it, so a
-crash mid-save leaves the previous checkpoint as the one resumed from. Retention deletes only
-complete checkpoints older than the newest ``keep_last``.
+Order of a save: every rank writes, barrier, run_config.yaml, checkpoint.json, ``latest``, then
+retention. A process killed at any point leaves ``latest`` on a complete checkpoint, so a resume
+uses the previous complete one (and says which incomplete directories it skipped). Retention
+counts complete checkpoints only, never removes the one ``latest`` names, and removes incomplete
+leftovers of crashed saves. ``MEGATRON_TST_FAILPOINT=<point>[@step]`` kills the process with
+SIGKILL at a named point of a save (``FAILPOINTS``): the crash-safety tests use it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
 import shutil
+import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,7 +42,11 @@ from megatron_tst.training.optim import inner_optimizers
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+RECORD = "checkpoint.json"  # completion record, written last inside a step directory
+FORMAT_VERSION = 1  # bump when the saved state's layout changes incompatibly
 STEP_DIR = re.compile(r"^step_(\d+)$")
+FAILPOINTS = ("save:before_write", "save:after_write", "save:before_record", "save:before_latest",
+              "save:before_prune", "prune:after_first_delete")
 # Distributed-optimizer state is saved dp-reshardable so a run can resume on another DP size.
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "dp_reshardable",
@@ -59,33 +71,100 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def failpoint(name: str, step: int) -> None:
+    """Fault injection for tests: SIGKILL this process if MEGATRON_TST_FAILPOINT names the point
+    (optionally ``@step``)."""
+    want = os.environ.get("MEGATRON_TST_FAILPOINT")
+    if not want:
+        return
+    point, _, at = want.partition("@")
+    if point == name and (not at or int(at) == step):
+        log.warning("failpoint %s at step %d: killing the process", name, step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / RECORD).is_file()
+
+
+def check_format(path: Path) -> None:
+    """Refuse a directory that is not a complete megatron-tst checkpoint of a known format."""
+    record = Path(path) / RECORD
+    if not record.is_file():
+        raise ConfigError(
+            f"{path} is not a complete megatron-tst checkpoint (no {RECORD}): its save was "
+            f"interrupted, or it was written by another program. Use an earlier step_* "
+            f"directory (or checkpoint.load=auto, which finds the newest complete one)",
+            key="checkpoint.load", value=str(path))
+    try:
+        version = json.loads(record.read_text())["format_version"]
+    except (ValueError, KeyError, TypeError):
+        version = None
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ConfigError(
+            f"{path} has checkpoint format {version!r}; this megatron-tst reads format "
+            f"{FORMAT_VERSION}{' and older' if FORMAT_VERSION > 1 else ''}. Load it with the "
+            f"megatron-tst version that wrote it (see run_config.yaml beside it), or start "
+            f"fresh with checkpoint.load=none", key="checkpoint.load", value=str(path))
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every step_* directory under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if p.is_dir() and (m := STEP_DIR.match(p.name)))
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
-    """The checkpoint named by ``latest``, or None when the directory holds none."""
-    marker = Path(ckpt_dir) / LATEST
-    if not marker.is_file():
-        return None
-    path = Path(ckpt_dir) / marker.read_text().strip()
-    if not path.is_dir():
-        raise ConfigError(f"{marker} names {path.name}, which does not exist; point "
-                          f"checkpoint.load at an existing step_* directory",
-                          key="checkpoint.load", value="auto")
+    """The checkpoint to resume from in a checkpoint root: the one ``latest`` names, or (no
+    ``latest`` yet: the first save was interrupted after completing) the newest complete one.
+    None when there is none. Newer directories that are skipped are named in a warning."""
+    root = Path(ckpt_dir)
+    marker = root / LATEST
+    dirs = step_dirs(root)
+    if marker.is_file():
+        path = root / marker.read_text().strip()
+        if not path.is_dir():
+            raise ConfigError(f"{marker} names {path.name}, which does not exist; point "
+                              f"checkpoint.load at an existing step_* directory",
+                              key="checkpoint.load", value="auto")
+    else:
+        complete = [p for _, p in dirs if is_complete(p)]
+        path = complete[-1] if complete else None
+        if path is not None:
+            log.warning("%s has no '%s' file (a save was interrupted before writing it): "
+                        "resuming from the newest complete checkpoint, %s", root, LATEST, path.name)
+    named = int(STEP_DIR.match(path.name).group(1)) if path and STEP_DIR.match(path.name) else -1
+    for step, other in dirs:
+        if step > named:
+            why = ("complete but not named by 'latest' (the save was interrupted before "
+                   f"updating it): set checkpoint.load={other} to resume from it instead"
+                   if is_complete(other) else "incomplete (a save was interrupted)")
+            log.warning("skipping %s: %s; resuming from %s", other, why,
+                        path.name if path else "scratch")
     return path
 
 
 def resolve_load_path(cfg: RunConfig) -> Optional[Path]:
+    """The checkpoint this run starts from (None: fresh), checked complete and readable."""
     load = cfg.checkpoint.load
     if load == "none":
         return None
-    if load == "auto":
-        return latest_checkpoint(cfg.checkpoint_dir)
-    path = Path(load)
-    if (path / LATEST).is_file():  # a checkpoint root rather than one step directory
-        return latest_checkpoint(path)
+    path = Path(cfg.checkpoint_dir if load == "auto" else load)
+    if (path / LATEST).is_file() or load == "auto":  # a checkpoint root, not a step directory
+        path = latest_checkpoint(path)
+        if path is not None:
+            check_format(path)
+        return path
     if not (path / "metadata.json").is_file():
         raise ConfigError(f"{path} is not a megatron dist checkpoint (no metadata.json); give a "
                           f"step_* directory or a checkpoint root with a '{LATEST}' file",
                           key="checkpoint.load", value=load)
+    check_format(path)
     return path
+
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -147,39 +226,71 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, train_state: TrainSt
 # ---------------------------------------------------------------------------------- saving
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler,
                     train_state: TrainState) -> Path:
-    """Save synchronously on all ranks, then (rank 0) point ``latest`` at it and prune."""
+    """Save on all ranks; then rank 0 writes the completion record, points ``latest`` at it and
+    applies retention (see the module docstring for why in this order)."""
     from megatron.core import dist_checkpointing
 
     root = Path(cfg.checkpoint_dir)
-    path = root / step_dir_name(train_state.step)
+    step = train_state.step
+    path = root / step_dir_name(step)
     rank = dist.get_rank()
     if rank == 0:
-        if path.exists():  # a partial save of this step from a crashed run: never referenced
-            shutil.rmtree(path)
+        if path.exists():
+            _set_aside(path)
         path.mkdir(parents=True)
     dist.barrier()
+    failpoint("save:before_write", step)
     state = _sharded_state_dict(model_chunks, optimizer, scheduler, train_state, cfg,
                                 is_loading=False)
     dist_checkpointing.save(state, str(path))
+    failpoint("save:after_write", step)
     dist.barrier()
     if rank == 0:
         (path / "run_config.yaml").write_text(config_to_yaml(cfg))
-        tmp = root / f".{LATEST}.tmp"
-        tmp.write_text(path.name + "\n")
-        os.replace(tmp, root / LATEST)
+        failpoint("save:before_record", step)
+        _write_atomic(path / RECORD, json.dumps(
+            {"format_version": FORMAT_VERSION, "step": step, "phase": train_state.phase,
+             "consumed_tokens": train_state.consumed_tokens}, indent=2) + "\n")
+        failpoint("save:before_latest", step)
+        _write_atomic(root / LATEST, path.name + "\n")
+        failpoint("save:before_prune", step)
         _prune(root, cfg.checkpoint.keep_last, keep=path)
     dist.barrier()
     return path
 
 
-def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    if keep_last <= 0:
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _set_aside(path: Path) -> None:
+    """A step directory about to be rewritten: delete an incomplete one; keep a complete one
+    (a run resumed from an earlier step into the same directory) under a new name."""
+    if not is_complete(path):
+        shutil.rmtree(path)
         return
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
-                   if p.is_dir() and (m := STEP_DIR.match(p.name)))
-    for _, old in steps[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    log.warning("%s exists from an earlier run of this directory: keeping it as %s", path, aside)
+    os.replace(path, aside)
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints and ``keep`` (the one ``latest``
+    names); remove older complete ones and incomplete leftovers of crashed saves."""
+    dirs = step_dirs(root)
+    complete = [p for _, p in dirs if is_complete(p)]
+    doomed = [p for _, p in dirs if not is_complete(p) and p != keep]
+    if keep_last > 0:
+        doomed += [p for p in complete[:-keep_last] if p != keep]
+    for i, old in enumerate(doomed):
+        shutil.rmtree(old, ignore_errors=True)
+        if i == 0:
+            failpoint("prune:after_first_delete", int(STEP_DIR.match(keep.name).group(1)))
 
 
 # --------------------------------------------------------------------------------- loading
