@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Iterable, Optional, Union
 
 import yaml
 
-from megatron_tst.config.errors import ConfigError
+from megatron_tst.config.errors import ConfigError, short_repr
 from megatron_tst.config.schema import RunConfig
 
 CLI = "command line"
@@ -45,7 +46,13 @@ def build_config(tree: dict, sources: Optional[dict[str, str]] = None,
         cfg.validate(world_size)
     except ConfigError as err:
         raise err.with_source(_source_of(err.key, sources)) from None
+    cfg._key_sources = dict(sources)  # for errors found later (data checks): config_source()
     return cfg
+
+
+def config_source(cfg: RunConfig, key: str) -> Optional[str]:
+    """The recipe file (or ``command line``) that set ``key`` in ``cfg``, if it was loaded here."""
+    return _source_of(key, getattr(cfg, "_key_sources", {}))
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
@@ -53,27 +60,74 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------ YAML files
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would silently
+    keep the last one, so an edit to the first would do nothing)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key_node.value!r} appears twice in one mapping "
+                        f"(first on line {seen[key_node.value] + 1}) and YAML keeps only the last; "
+                        f"remove one of them", key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: ``line L, column C: problem (context)``."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        context = f" ({err.context} on line {err.context_mark.line + 1})" if (
+            err.context and err.context_mark is not None) else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}{context}"
+    return str(err)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _load_yaml_tree(path: Path, sources: dict[str, str], chain: tuple) -> dict:
+    named_by = f" (named as base by {chain[-1]})" if chain else ""
+    if path.is_dir():
+        raise ConfigError(f"the recipe {path}{named_by} is a directory; give a .yaml file")
     path = path.resolve() if path.exists() else path
     if not path.is_file():
-        hint = f" (named as base by {chain[-1]})" if chain else ""
-        raise ConfigError(f"recipe file not found: {path}{hint}; check the path")
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ConfigError(f"recipe file not found: {path}{where}{named_by}; check the path")
     if path in chain:
-        raise ConfigError(f"recipe inheritance cycle: {' -> '.join(map(str, chain + (path,)))}")
+        raise ConfigError(f"recipe inheritance cycle: {' -> '.join(map(str, chain + (path,)))}; "
+                          f"remove one of these base: entries")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the recipe ({err.strerror or err}); check its "
+                          f"permissions") from None
+    try:
+        data = _parse_yaml(text)
+    except yaml.YAMLError as err:
+        hint = ("; fix the syntax there (indentation, a ':' after each key, quotes around "
+                "values that hold ': ' or ' #')"
+                if isinstance(err, (yaml.scanner.ScannerError, yaml.parser.ParserError)) else "")
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}{hint}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    bases = data.pop("base", None)
-    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, training:, "
+                          f"...), got a {type(data).__name__}: {short_repr(data)}")
+    raw = data.pop("base", None)
+    bases = [] if raw is None else [raw] if isinstance(raw, str) else raw
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base must be a recipe path or a list of recipe paths, got "
+                          f"{short_repr(raw)}")
     tree: dict = {}
     for base in bases:
-        if not isinstance(base, str):
-            raise ConfigError(f"{path}: base must be a path or a list of paths, got {base!r}")
         _merge(tree, _load_yaml_tree(path.parent / base, sources, chain + (path,)))
     _merge(tree, data)
     for key in _flat_keys(data):
@@ -103,7 +157,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} is not of the form section.key=value "
                           f"(e.g. optimizer.lr=1e-3)", source=CLI)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -120,6 +174,7 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def _source_of(key: Optional[str], sources: dict[str, str]) -> Optional[str]:
+    key = key.partition("[")[0] if key else key  # data.train_paths[0] -> data.train_paths
     while key:
         if key in sources:
             return sources[key]
@@ -153,7 +208,8 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict[str, str]) -> Any:
 
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", sources)
+        # An empty section (``model:`` with every key commented out) is YAML null: no keys.
+        return _build(tp, {} if value is None else value, key + ".", sources)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -184,12 +240,19 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict[str, str]) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad("a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        return float(value)
+        else:
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond the float range
+                raise bad("a finite number") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad("a string")

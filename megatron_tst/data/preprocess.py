@@ -34,6 +34,8 @@ from typing import IO, Any
 
 import numpy
 
+from megatron_tst.data.errors import DataError
+
 __all__ = [
     "DataError",
     "PreprocessResult",
@@ -49,10 +51,6 @@ SUPPORTED_SUFFIXES = (".jsonl", ".txt")
 _COMPRESSIONS = (".gz", ".bz2")
 _BATCH_DOCUMENTS = 64  # documents per task sent to a worker
 _PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar when the inputs are at least this large
-
-
-class DataError(ValueError):
-    """A problem with input data: the message names the file (and line), and how to fix it."""
 
 
 @dataclass(frozen=True)

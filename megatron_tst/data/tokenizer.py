@@ -27,6 +27,10 @@ from typing import Any, NamedTuple
 
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
+from megatron_tst.data.tokenizer_files import (HF_EOD_CANDIDATES, TOKENIZER_KINDS,
+                                               canonical_kind, hf_first_id, hf_special_tokens,
+                                               open_huggingface, open_sentencepiece)
+
 __all__ = [
     "HF_EOD_CANDIDATES",
     "HFTokenizer",
@@ -35,13 +39,6 @@ __all__ = [
     "load_tokenizer",
     "train_sentencepiece",
 ]
-
-#: Token names tried, in order, for the end-of-document id of a Hugging Face tokenizer.
-HF_EOD_CANDIDATES: tuple[str, ...] = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
-_HF_PAD_CANDIDATES: tuple[str, ...] = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
-_HF_BOS_CANDIDATES: tuple[str, ...] = ("<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>")
-
-TOKENIZER_KINDS: tuple[str, ...] = ("sentencepiece", "huggingface")
 
 
 class TokenizerSpec(NamedTuple):
@@ -113,38 +110,14 @@ class SentencePieceTokenizer(_SpecialIds):
     kind = "sentencepiece"
 
     def __init__(self, model_path: str | Path) -> None:
-        path = Path(model_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"sentencepiece model not found: {str(path)!r}. Pass the path of an existing "
-                "'.model' file (or train one: `megatron-tst preprocess --train-tokenizer ...`)."
-            )
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor()
-        try:
-            processor.Load(str(path))
-        except (OSError, RuntimeError) as err:
-            raise ValueError(
-                f"{str(path)!r} is not a valid sentencepiece model ({err}). Pass a '.model' file "
-                "written by sentencepiece (for a Hugging Face tokenizer.json use kind 'huggingface')."
-            ) from err
-        eos = processor.eos_id()
-        if eos < 0:
-            raise ValueError(
-                f"sentencepiece model {str(path)!r} defines no end-of-sentence token (eos_id=-1), "
-                "so there is no end-of-document id. Retrain it with an eos piece (the default)."
-            )
-        self.path = path.resolve()
-        self._processor = processor
-        self._vocab_size = int(processor.GetPieceSize())
-        self._eod = int(eos)
-        self._pad = int(processor.pad_id())
-        self._bos = int(processor.bos_id())
-        self._unk = int(processor.unk_id())
+        opened = open_sentencepiece(model_path)  # FileNotFoundError / ValueError with the fix
+        self.path = opened.path
+        self._processor = opened.backend
+        self._vocab_size = opened.vocab_size
+        self._eod, self._pad, self._bos, self._unk = opened.eod, opened.pad, opened.bos, opened.unk
         self._vocab: dict[str, int] | None = None
         with _quiet_legacy_warning():
-            super().__init__(str(self.path), sha256=_file_sha256(path))
+            super().__init__(str(self.path), sha256=_file_sha256(self.path))
 
     # -- MegatronLegacyTokenizer interface ---------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -295,74 +268,24 @@ class HFTokenizer(_SpecialIds):
     kind = "huggingface"
 
     def __init__(self, path: str | Path, *, eod_token: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Hugging Face tokenizer file not found: {str(path)!r}. Pass the path of a "
-                "'tokenizer.json' (or of a directory containing one)."
-            )
-        try:
-            import tokenizers
-        except ImportError as err:  # pragma: no cover - tokenizers is a declared dependency
-            raise ImportError(
-                "Loading a Hugging Face tokenizer needs the 'tokenizers' package: pip install tokenizers"
-            ) from err
-        try:
-            tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as err:  # tokenizers raises a plain Exception on malformed files
-            raise ValueError(
-                f"{str(path)!r} is not a valid Hugging Face tokenizer.json ({err}). Pass the "
-                "tokenizer.json saved by `tokenizer.save(...)` / `save_pretrained(...)`."
-            ) from err
-
-        self.path = path.resolve()
-        self._tokenizer = tokenizer
-        self._vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
-
-        if eod_token is not None:
-            eod = tokenizer.token_to_id(eod_token)
-            if eod is None:
-                raise ValueError(
-                    f"eod_token {eod_token!r} is not in the vocabulary of {str(path)!r}. Pass a "
-                    f"token that exists (special tokens: {self._special_tokens()})."
-                )
-        else:
-            eod = self._first_id(HF_EOD_CANDIDATES)
-            if eod is None:
-                raise ValueError(
-                    f"cannot find an end-of-document token in {str(path)!r}: none of "
-                    f"{list(HF_EOD_CANDIDATES)} is in its vocabulary (special tokens: "
-                    f"{self._special_tokens()}). Pass it explicitly, e.g. "
-                    "load_tokenizer('huggingface', path, eod_token='<|im_end|>') or --eod-token."
-                )
-        self.eod_token = eod_token if eod_token is not None else tokenizer.id_to_token(eod)
-        self._eod = int(eod)
-        pad = self._first_id(_HF_PAD_CANDIDATES)
-        self._pad = -1 if pad is None or pad == self._eod else int(pad)
-        bos = self._first_id(_HF_BOS_CANDIDATES)
-        self._bos = -1 if bos is None else int(bos)
+        opened = open_huggingface(path, eod_token=eod_token)  # errors name the path and the fix
+        self.path = opened.path
+        self._tokenizer = opened.backend
+        self._vocab_size = opened.vocab_size
+        self.eod_token = opened.eod_token
+        self._eod, self._pad, self._bos = opened.eod, opened.pad, opened.bos
         self._vocab: dict[str, int] | None = None
-        options: dict[str, Any] = {"sha256": _file_sha256(path)}
+        options: dict[str, Any] = {"sha256": _file_sha256(self.path)}
         if eod_token is not None:
             options["eod_token"] = eod_token
         with _quiet_legacy_warning():
             super().__init__(str(self.path), **options)
 
     def _first_id(self, names: Sequence[str]) -> int | None:
-        for name in names:
-            token_id = self._tokenizer.token_to_id(name)
-            if token_id is not None:
-                return token_id
-        return None
+        return hf_first_id(self._tokenizer, names)
 
     def _special_tokens(self) -> list[str]:
-        try:
-            decoder = self._tokenizer.get_added_tokens_decoder()
-            return [tok.content for _, tok in sorted(decoder.items()) if tok.special][:20]
-        except AttributeError:  # pragma: no cover - very old tokenizers
-            return []
+        return hf_special_tokens(self._tokenizer)
 
     # -- MegatronLegacyTokenizer interface ---------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -396,13 +319,7 @@ class HFTokenizer(_SpecialIds):
 def load_tokenizer(kind: str, path: str | Path, **kw: Any) -> SentencePieceTokenizer | HFTokenizer:
     """Load a tokenizer: ``kind`` is ``"sentencepiece"`` (a ``.model``) or ``"huggingface"``
     (a ``tokenizer.json`` or its directory; accepts ``eod_token=``)."""
-    aliases = {"sentencepiece": "sentencepiece", "spm": "sentencepiece", "sp": "sentencepiece",
-               "huggingface": "huggingface", "hf": "huggingface"}
-    canonical = aliases.get(str(kind).lower())
-    if canonical is None:
-        raise ValueError(
-            f"unknown tokenizer kind {kind!r} for {str(path)!r}: use one of {list(TOKENIZER_KINDS)}"
-        )
+    canonical = canonical_kind(kind, path)
     if canonical == "sentencepiece":
         if kw:
             raise ValueError(f"sentencepiece tokenizers take no options, got {sorted(kw)}")
