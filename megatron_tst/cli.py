@@ -12,18 +12,26 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_tst.config import ConfigError, load_config
+from megatron_tst.config.errors import InputError
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 DEMO_RECIPE = RECIPES / "demo-cpu.yaml"
 
 
 def _cmd_train(args) -> int:
+    import os
+
+    # Bad recipes and bad data fail here, in about a second: before megatron-core is imported and
+    # before any process group exists (every rank runs the same checks on the same files).
+    cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    from megatron_tst.data.build import check_run_data
+
+    check_run_data(cfg)
+
     from megatron_tst.training.distributed import destroy_distributed
+    from megatron_tst.training.signals import EXIT_PREEMPTED, PREEMPTED
     from megatron_tst.training.trainer import train
 
-    from megatron_tst.training.signals import EXIT_PREEMPTED, PREEMPTED
-
-    cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg)
     finally:
@@ -123,8 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"megatron-tst: configuration error: {err}", file=sys.stderr)
+    except InputError as err:  # ConfigError, DataError: one paragraph, no traceback
+        print(f"megatron-tst: {err.kind}: {err}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from megatron_tst.config import ConfigError
+from megatron_tst.data.checks import BLEND_SURPLUS, VALID_SPLIT
+from megatron_tst.data.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,9 @@ def build_gpt_datasets(*, train_paths: Sequence[str], train_weights: Optional[Se
                        num_train_samples: int, num_valid_samples: int, cache_dir: str):
     """(train, valid) megatron ``GPTDataset``s of ``sequence_length``-token samples.
 
-    Validation uses ``valid_paths`` when given, else a 2% split of the training blend.
+    Validation uses ``valid_paths`` when given, else a 2% split of the training blend
+    (:data:`~megatron_tst.data.checks.VALID_SPLIT`). Check the data first
+    (``megatron_tst.data.build``): megatron trusts the files, and loops forever on an empty split.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -69,7 +73,7 @@ def build_gpt_datasets(*, train_paths: Sequence[str], train_weights: Optional[Se
         eod_mask_loss=False,
         create_attention_mask=False,
         path_to_cache=cache_dir,
-        mid_level_dataset_surplus=0.005,
+        mid_level_dataset_surplus=BLEND_SURPLUS,
     )
     train_blend = _blend(train_paths, train_weights, "data.train_paths")
     if valid_paths:
@@ -77,7 +81,7 @@ def build_gpt_datasets(*, train_paths: Sequence[str], train_weights: Optional[Se
             blend_per_split=[train_blend, _blend(valid_paths, None, "data.valid_paths"), None],
             **common)
     else:
-        config = GPTDatasetConfig(blend=train_blend, split="98,2,0", **common)
+        config = GPTDatasetConfig(blend=train_blend, split=VALID_SPLIT, **common)
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [num_train_samples, num_valid_samples, 0], lambda: True, config).build()
     return train, valid
@@ -123,6 +127,64 @@ class ChunkView(torch.utils.data.Dataset):
         return {k: sample[k][part] for k in ("tokens", "labels", "loss_mask")}
 
 
+class TokenIdCheck(torch.utils.data.Dataset):
+    """A dataset whose every sample is checked to hold token ids in ``[0, vocab_size)``.
+
+    The start-up checks read a bounded sample of each file; this one sees every token the run
+    reads, for the price of a min and a max per sample, and turns a bad id (part of the data made
+    with another tokenizer) into a ``DataError`` that names the dataset, instead of an index error
+    in the embedding (a device-side assert on GPU) that names nothing.
+    """
+
+    def __init__(self, dataset, vocab_size: int, *, split: str, tokenizer_name: str):
+        self.dataset, self.vocab_size = dataset, vocab_size
+        self.split, self.tokenizer_name = split, tokenizer_name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # the wrapped dataset's attributes (not while unpickling)
+        if name in ("dataset", "__setstate__") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        tokens, labels = torch.as_tensor(sample["tokens"]), torch.as_tensor(sample["labels"])
+        lo = min(int(tokens.min()), int(labels.min()))
+        hi = max(int(tokens.max()), int(labels.max()))
+        if lo < 0 or hi >= self.vocab_size:
+            raise DataError(
+                f"token id {hi if hi >= self.vocab_size else lo:,} in {self.split} sample "
+                f"{index:,} (from {self._source_of(sample)}) is outside the vocabulary of "
+                f"{self.tokenizer_name} ({self.vocab_size:,} entries): part of the data was made "
+                f"with another tokenizer; re-run `megatron-tst preprocess` on that text with this "
+                f"tokenizer, or set data.tokenizer.path to the tokenizer the data was made with")
+        return sample
+
+    def _source_of(self, sample: dict) -> str:
+        dataset = self.dataset
+        if "dataset_id" in sample and hasattr(dataset, "datasets"):  # a BlendedDataset
+            dataset = dataset.datasets[int(sample["dataset_id"])]
+        return str(getattr(dataset, "dataset_path", None) or "the data")
+
+
+def _worker_message(err: Exception) -> str:
+    """The original message of an error re-raised from a DataLoader worker (torch wraps it in
+    ``Caught X in DataLoader worker process N. Original Traceback ...``)."""
+    text = getattr(err, "message", None) or str(err)
+    if "Original Traceback" not in text:
+        return text
+    return text.rstrip().rsplit(f"{type(err).__name__}: ", 1)[-1]
+
+
+def _unwrap_worker_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    try:
+        yield from batches
+    except DataError as err:
+        raise DataError(_worker_message(err)) from None
+
+
 def iterate_microbatches(dataset, layout: BatchLayout, consumed_samples: int,
                          num_steps: Optional[int] = None, num_workers: int = 0) -> Iterator[dict]:
     """Micro-batches (dicts of stacked tensors) for consecutive steps from ``consumed_samples``."""
@@ -130,7 +192,7 @@ def iterate_microbatches(dataset, layout: BatchLayout, consumed_samples: int,
         dataset, batch_sampler=MicrobatchSampler(layout, consumed_samples, num_steps),
         num_workers=num_workers, collate_fn=collate, persistent_workers=False,
         prefetch_factor=4 if num_workers else None)
-    return iter(loader)
+    return _unwrap_worker_errors(iter(loader)) if num_workers else iter(loader)
 
 
 def collate(samples: list[dict]) -> dict:
