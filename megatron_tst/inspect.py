@@ -117,16 +117,14 @@ def format_recipe_report(r: dict, source: str) -> str:
 
 
 def checkpoint_report(path: Path) -> dict:
-    from megatron.core import dist_checkpointing
-
-    from megatron_tst.training.checkpoint import latest_checkpoint
+    from megatron_tst.training.checkpoint import latest_checkpoint, load_common
 
     if (path / "latest").is_file():
         path = latest_checkpoint(path)
     if not (path / "metadata.json").is_file():
         raise ConfigError(f"{path} is neither a recipe (.yaml) nor a megatron-tst checkpoint "
                           f"(no metadata.json)")
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = load_common(path)
     return {"path": str(path), "train_state": common["train_state"],
             "scheduler": common["scheduler"], "run_config": common["run_config"]}
 

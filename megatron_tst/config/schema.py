@@ -138,6 +138,9 @@ class CheckpointConfig:
     keep_last: int = 2  # 0 = keep all
     load: str = "auto"  # auto: latest in dir if any | none | a checkpoint directory
     load_optimizer: bool = True  # false: fresh Adam moments (model, step, data, LR continue)
+    # Recipe changes accepted on resume (keys or sections, e.g. [training.train_steps, schedule]);
+    # see docs/checkpoints.md for what may change freely and what never can.
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -304,6 +307,9 @@ class RunConfig:
                 signal_number(name)
             except ValueError as err:
                 fail("training.exit_signals", str(err))
+        for name in self.checkpoint.allow_changes:
+            if not _is_key_or_section(self, name):
+                fail("checkpoint.allow_changes", f"{name!r} is not a recipe key or section")
         lo = self.checkpoint.load
         if lo not in ("auto", "none") and not lo:
             fail("checkpoint.load", "must be 'auto', 'none' or a checkpoint directory")
@@ -365,6 +371,14 @@ class RunConfig:
                 f"multiple of parallel.pipeline_model_parallel_size="
                 f"{p.pipeline_model_parallel_size}",
                 key="training.global_batch_size", value=t.global_batch_size)
+
+
+def _is_key_or_section(cfg: object, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cfg) or part not in {f.name for f in dataclasses.fields(cfg)}:
+            return False
+        cfg = getattr(cfg, part)
+    return True
 
 
 def _get(cfg: object, dotted: str):

@@ -65,6 +65,7 @@ class TrainState:
     phase: str = ""  # phase of the last completed step: standard | superposition | recovery
     bag_size: int = 1  # tokens per position in that step (s in the superposition phase)
     data_chunk: int = 1  # the data stream is cut in chunks of data_chunk * seq_length tokens
+    vocab_size: int = 0  # the model's vocabulary before padding (0: unknown)
 
 
 def step_dir_name(step: int) -> str:
@@ -327,11 +328,16 @@ def load_checkpoint(path: Path, cfg: RunConfig, model_chunks, optimizer,
     return TrainState(**loaded["train_state"])
 
 
-def load_saved_config(path: Path) -> dict:
-    """The run config stored in a checkpoint (plain dict), without touching the model."""
+def load_common(path: Path) -> dict:
+    """A checkpoint's common state (run_config, train_state, scheduler), without the model."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(path))["run_config"]
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def load_saved_config(path: Path) -> dict:
+    """The run config stored in a checkpoint (plain dict), without touching the model."""
+    return load_common(path)["run_config"]
 
 
 def _current_layout() -> tuple[int, int]:

@@ -85,6 +85,17 @@ def inner_optimizers(optimizer) -> list:
             if getattr(o, "optimizer", None) is not None]
 
 
+def apply_optimizer_hyperparameters(cfg: RunConfig, optimizer) -> None:
+    """Adam's betas and epsilon from the recipe (a loaded optimizer state carries its own): a
+    no-op unless a resume changed them (checkpoint.allow_changes). LR and weight decay are set by
+    the scheduler at every step."""
+    o = cfg.optimizer
+    for inner in inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            group["betas"] = (o.adam_beta1, o.adam_beta2)
+            group["eps"] = o.adam_eps
+
+
 def build_scheduler(cfg: RunConfig, optimizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 

@@ -26,12 +26,13 @@ from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training.distributed import init_distributed
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
 from megatron_tst.training.moe_metrics import moe_metrics
-from megatron_tst.training.optim import (build_optimizer, build_scheduler, connect_schedule_hooks,
-                                        wrap_model)
-from megatron_tst.training.step import (make_forward_step, make_superposition_forward_step,
-                                        reduce_loss)
+from megatron_tst.training.optim import (apply_optimizer_hyperparameters, build_optimizer,
+                                        build_scheduler, connect_schedule_hooks, wrap_model)
+from megatron_tst.training.resume import changes_schedule, check_resume
 from megatron_tst.training.signals import (FINISHED, PREEMPTED, STOPPED, ExitSignalHandler,
                                            write_exit_status)
+from megatron_tst.training.step import (make_forward_step, make_superposition_forward_step,
+                                        reduce_loss)
 from megatron_tst.training.switch import apply_switch
 from megatron_tst.tst.schedule import RECOVERY, SUPERPOSITION, Phase, PhaseSchedule
 
@@ -95,15 +96,19 @@ class Trainer:
                 eod=self.data.tokenizer.eod if cfg.tst.respect_documents else None)
         self.flops_per_step = flops_per_step(cfg, self.vocab_size)
 
-        self.state = ckpt.TrainState(data_chunk=c)
+        self.state = ckpt.TrainState(data_chunk=c, vocab_size=vocab)
         self.last_checkpoint: Optional[Path] = None
         self.saved_at: Optional[int] = None
         load_path = ckpt.resolve_load_path(cfg)
+        accepted = []
         if load_path is not None:
+            accepted = self._check_resume(load_path, vocab)
             self.state = ckpt.load_checkpoint(load_path, cfg, self.model, self.optimizer,
                                               self.scheduler)
+            self.state.vocab_size = vocab
             self.last_checkpoint = load_path
             self._check_data_position(load_path)
+            apply_optimizer_hyperparameters(cfg, self.optimizer)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_logging_rank,
                                      resumed_step=self.state.step)
         if self.env.rank == 0:
@@ -120,6 +125,20 @@ class Trainer:
                      sched.total_steps)
         if load_path is not None:
             self.metrics.event(self.state.step, f"resumed from {load_path}")
+            for change in accepted:
+                self.metrics.event(self.state.step, f"resumed with {change.key}: "
+                                                    f"{change.saved!r} -> {change.now!r}")
+
+    def _check_resume(self, path: Path, vocab: int) -> list:
+        """Refuse recipe changes that cannot carry over (``training/resume.py``); a rebuilt LR
+        schedule when its keys were changed with checkpoint.allow_changes."""
+        common = ckpt.load_common(path)
+        saved = common["train_state"]
+        accepted = check_resume(path, common["run_config"], saved["step"], saved["phase"],
+                                self.cfg, saved.get("vocab_size", 0), vocab)
+        if changes_schedule(accepted):
+            self.scheduler.override_opt_param_scheduler = True
+        return accepted
 
     def _check_data_position(self, path: Path) -> None:
         st, c = self.state, self.schedule.chunk_tokens_factor

@@ -54,9 +54,11 @@ def test_phase_one_checkpoint_continued_as_phase_two(tiny_recipe, tmp_path):
     first, second = tmp_path / "p1", tmp_path / "p2"
     run_cli(["train", str(tiny_recipe), f"run_dir={first}", *TST, "training.exit_at_step=2"])
     shutil.copytree(first / "checkpoints", second / "checkpoints")
-    # End the superposition phase at the checkpoint's step: recovery starts right away.
+    # End the superposition phase at the checkpoint's step: recovery starts right away (a
+    # change of the phase boundary, accepted explicitly).
     run_cli(["train", str(tiny_recipe), f"run_dir={second}", "tst.bag_size=4",
-             "tst.superposition_steps=2", "training.train_steps=6"])
+             "tst.superposition_steps=2", "training.train_steps=6",
+             "checkpoint.allow_changes=[tst.superposition_steps]"])
     train = records(second)
     assert [r["step"] for r in train] == [3, 4, 5, 6]
     assert {r["phase"] for r in train} == {"recovery"}
@@ -67,7 +69,7 @@ def test_phase_one_checkpoint_continued_as_phase_two(tiny_recipe, tmp_path):
 def test_changing_bag_size_on_resume_is_refused(tiny_recipe, tmp_path):
     run = tmp_path / "p1"
     run_cli(["train", str(tiny_recipe), f"run_dir={run}", *TST, "training.exit_at_step=2"])
-    with pytest.raises(AssertionError, match="data position cannot be carried over"):
+    with pytest.raises(AssertionError, match="tst.bag_size: 4 -> 2 cannot change on resume"):
         run_cli(["train", str(tiny_recipe), f"run_dir={run}", "tst.bag_size=2",
                  "tst.superposition_steps=3", "training.train_steps=6"])
 
