@@ -19,6 +19,9 @@
 # The trainer finishes its step, saves, writes <run_dir>/exit_status.json and exits 75; torchrun
 # then exits 1, which is why train.sbatch reads exit_status.json rather than exit codes.
 set -euo pipefail
+# Until torchrun has installed its handlers, an early SIGUSR1 must not kill this process (an
+# ignored signal stays ignored across exec; torchrun replaces it with its forwarding handler).
+trap '' USR1
 
 die() {
     echo "launch.sh: $*" >&2
@@ -70,10 +73,10 @@ signal_opts=()
 if grep -q -- '--signals-to-handle' "$run_py"; then
     signal_opts+=(--signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 else
-    # An older torchrun forwards no SIGUSR1 and would die of it: make it ignore SIGUSR1 (the
-    # workers install their own handler; Slurm signals every process of the step).
-    echo "launch.sh: this torchrun has no --signals-to-handle; ignoring SIGUSR1 in the agent" >&2
-    trap '' USR1
+    # An older torchrun cannot forward SIGUSR1; it keeps ignoring it (trap above) and only the
+    # SIGTERM that Slurm sends every process at the time limit reaches the workers.
+    echo "launch.sh: warning: this torchrun has no --signals-to-handle, so SIGUSR1 (the" \
+        "time-limit warning) cannot reach the workers; upgrade torch or rely on SIGTERM" >&2
 fi
 if grep -q -- '--shutdown-timeout' "$run_py"; then
     signal_opts+=(--shutdown-timeout "$timeout")

@@ -12,7 +12,8 @@
                                                      for null; exit 3 if missing or unreadable
 
 ``exit-status`` uses the standard library only, so a batch shell outside the training container
-can run it with any python3. The others import ``megatron_tst.config`` (no torch import).
+can run it with any python3. The others import ``megatron_tst.config`` from this checkout (it needs PyYAML, not torch), so
+they also work on a login node where megatron-tst is not installed.
 A configuration error prints one line and exits 2, as ``megatron-tst`` does.
 """
 
@@ -23,7 +24,12 @@ import sys
 from pathlib import Path
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def _config(argv: list[str]):
+    if (REPO / "megatron_tst" / "config").is_dir() and str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     if not argv:
         raise SystemExit("runinfo.py: missing RECIPE (a YAML recipe, e.g. configs/demo-cpu.yaml)")
     try:

@@ -1,0 +1,292 @@
+"""The Slurm scripts on a real single-node Slurm cluster (slurmctld + slurmd + munged, started by
+``scripts/slurm/local-cluster.sh`` in a temporary directory): a run submitted through
+``train.sbatch`` is preempted, requeued, resumes from its checkpoint and ends with the losses of an
+uninterrupted run; the time-limit warning (``--signal=B:USR1@T``) makes the job save and requeue
+itself; ``submit.sh --chain`` chains the superposition and recovery phases as two jobs.
+
+Slow (about 5 minutes on 2 cores): ``python -m pytest -q -m slow tests/scripts/test_slurm.py``.
+Needs root and ``apt-get install -y slurm-wlm munge``; skipped when Slurm is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, _free_port, read_metrics, run_cli
+
+SLURM_DIR = REPO / "scripts" / "slurm"
+RECIPE = str(REPO / "configs" / "demo-cpu.yaml")
+STEPS = 120  # demo recipe shortened: TST s=4 for steps 1-36, recovery for 37-120
+NPROC = 2  # workers per node (data parallel over gloo)
+OVERRIDES = [f"training.train_steps={STEPS}", "training.micro_batch_size=8",
+             f"training.eval_interval={STEPS}", "logging.wandb=false"]
+SUPERPOSITION_STEPS = 36
+
+
+def _which(tool: str) -> str | None:
+    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+
+
+_MISSING = [t for t in ("slurmctld", "slurmd", "sbatch", "scontrol", "munged") if not _which(t)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(_MISSING), reason=f"Slurm is not installed ({', '.join(_MISSING)} "
+                       f"missing): apt-get install -y slurm-wlm munge"),
+]
+
+
+class Cluster:
+    def __init__(self, directory: Path, env: dict, work: Path):
+        self.dir, self.env, self.work = directory, env, work
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, env=self.env, cwd=self.work, capture_output=True, text=True,
+                                timeout=120)
+        if check and result.returncode:
+            raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}\n{self.daemon_logs()}")
+        return result
+
+    def sbatch(self, *args: str) -> str:
+        return self.run("sbatch", "--parsable", *args).stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def job_log(self, job_id: str) -> str:
+        logs = list((self.work / "logs").glob(f"*-{job_id}.out"))
+        return logs[0].read_text() if logs else f"(no log for job {job_id} in {self.work}/logs)"
+
+    def daemon_logs(self) -> str:
+        parts = []
+        for name in ("slurmctld", "slurmd"):
+            path = self.dir / "log" / f"{name}.log"
+            if path.exists():
+                parts.append(f"--- {path} (tail)\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        return "\n".join(parts)
+
+    def diagnose(self, job_id: str) -> str:
+        return f"--- job {job_id}: {self.job(job_id)}\n--- log\n{self.job_log(job_id)[-6000:]}\n" \
+               f"{self.daemon_logs()}"
+
+    def wait(self, job_id: str, condition, what: str, timeout: float = 300):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if condition(job):
+                return job
+            if job["JobState"] in DONE:
+                raise AssertionError(f"job {job_id} ended before it was {what}\n"
+                                     f"{self.diagnose(job_id)}")
+            time.sleep(1)
+        raise AssertionError(f"timed out after {timeout} s waiting for job {job_id} to be {what}\n"
+                             f"{self.diagnose(job_id)}")
+
+    def wait_done(self, job_id: str, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if job["JobState"] in DONE:
+                return job
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} not done after {timeout} s\n{self.diagnose(job_id)}")
+
+
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    directory = Path(tempfile.mkdtemp(prefix="tst-slurm-", dir="/tmp"))  # short socket paths
+    work = directory / "work"  # the submit directory: logs/ and run directories
+    (work / "logs").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin",
+           "SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port()),
+           "LOCAL_CLUSTER_KILLWAIT": "60", "LOCAL_CLUSTER_REQUEUE_DELAY": "5"}
+    script = str(SLURM_DIR / "local-cluster.sh")
+    start = subprocess.run([script, "start", str(directory / "cluster")], env=env,
+                           capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, f"local cluster did not start:\n{start.stdout}\n{start.stderr}"
+    env.update(SLURM_CONF=str(directory / "cluster" / "slurm.conf"), MEGATRON_TST_HOME=str(REPO),
+               MEGATRON_TST_PYTHON=sys.executable, MEGATRON_TST_NPROC_PER_NODE=str(NPROC),
+               WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    try:
+        yield Cluster(directory / "cluster", env, work)
+    finally:
+        subprocess.run([script, "stop", str(directory / "cluster")], env=env, timeout=180)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The same recipe on the same 2 processes, uninterrupted, run directly with torchrun."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_cli(["train", RECIPE, *OVERRIDES, f"run_dir={run_dir}"], nproc=NPROC, timeout=400)
+    return _losses(run_dir)
+
+
+def _losses(run_dir: Path) -> dict:
+    train = read_metrics(run_dir)
+    steps = [r["step"] for r in train]
+    assert steps == list(range(1, STEPS + 1)), f"steps logged in {run_dir}: {steps}"
+    valid = read_metrics(run_dir, "valid")
+    return {"train": {r["step"]: r["loss"] for r in train}, "valid": valid[-1]["loss"],
+            "valid_step": valid[-1]["step"]}
+
+
+def _assert_same_losses(run_dir: Path, reference: dict) -> dict:
+    got = _losses(run_dir)
+    worst = max(abs(got["train"][s] - reference["train"][s]) / abs(reference["train"][s])
+                for s in reference["train"])
+    assert got["train"] == pytest.approx(reference["train"], rel=1e-6, abs=0), \
+        f"training losses differ from the uninterrupted run (max relative {worst:.3g})"
+    assert got["valid_step"] == reference["valid_step"] == STEPS
+    assert got["valid"] == pytest.approx(reference["valid"], rel=1e-6, abs=0)
+    print(f"final training loss {got['train'][STEPS]!r} (uninterrupted {reference['train'][STEPS]!r}), "
+          f"final validation loss {got['valid']!r} (uninterrupted {reference['valid']!r}), "
+          f"max relative difference over all steps {worst:.3g}")
+    return got
+
+
+def _wait_for_step(cluster: Cluster, job_id: str, run_dir: Path, step: int, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if any(r["step"] >= step for r in read_metrics(run_dir)):
+                return
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), cluster.diagnose(job_id)
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {run_dir} after {timeout} s\n{cluster.diagnose(job_id)}")
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir, "event")
+
+
+def _resumed_step(run_dir: Path) -> int:
+    resumed = [e for e in _events(run_dir) if e["message"].startswith("resumed from")]
+    assert len(resumed) == 1, f"expected one resume in {run_dir}: {_events(run_dir)}"
+    event = resumed[0]
+    assert event["message"].endswith(f"step_{event['step']:07d}"), event
+    return event["step"]
+
+
+def test_requeue_resumes_from_checkpoint_with_uninterrupted_losses(cluster, reference):
+    run_dir = cluster.work / "requeue"
+    t0 = time.time()
+    job_id = cluster.sbatch("--job-name=requeue", str(SLURM_DIR / "train.sbatch"), RECIPE,
+                            *OVERRIDES, f"run_dir={run_dir}")
+    _wait_for_step(cluster, job_id, run_dir, 10)  # inside the superposition phase (1-36)
+    cluster.run("scontrol", "requeue", job_id)  # what a preemption with PreemptMode=REQUEUE does
+    # The job is requeued and starts again; wait for its second run to end.
+    cluster.wait(job_id, lambda j: j["Restarts"] == "1", "requeued", timeout=180)
+    job = cluster.wait_done(job_id)
+    wall = time.time() - t0
+    log = cluster.job_log(job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", cluster.diagnose(job_id)
+
+    # (a) it ran twice: Slurm counts one restart, the log holds both starts
+    assert job["Restarts"] == "1"
+    assert len(re.findall(r"train\.sbatch: \S+ job \d+ start \(restart \d\)", log)) == 2, log
+    assert "start (restart 1)" in log
+    # (b) the first run saved at the preemption step and the second resumed from that checkpoint
+    stopped = re.search(r"exit status: preempted at step (\d+) of 120 \(signal SIGTERM", log)
+    assert stopped, log
+    stopped = int(stopped.group(1))
+    assert 10 <= stopped < STEPS
+    assert _resumed_step(run_dir) == stopped > 0
+    assert "Slurm decides whether it runs again" in log  # SIGTERM: the script did not requeue
+    assert json.loads((run_dir / "exit_status.json").read_text())["status"] == "finished"
+    # (c) the same losses as the uninterrupted run, step by step and at the end
+    got = _assert_same_losses(run_dir, reference)
+    print(f"requeue test: preempted at step {stopped}, resumed from step {stopped}, "
+          f"job wall time {wall:.0f} s, final train loss {got['train'][STEPS]}, "
+          f"final validation loss {got['valid']}")
+
+
+def test_time_limit_warning_saves_and_requeues(cluster):
+    """The real --signal=B:USR1@T warning: the batch shell forwards SIGUSR1, the trainer saves, the
+    script requeues the job itself; the test then lifts the time limit so the rerun can finish."""
+    run_dir = cluster.work / "timelimit"
+    # Slurm checks time limits every 30 s and sends the warning once at most warn + 30 s are
+    # left: 30-60 s into this 2-minute job, while 400 steps (~80 s) still run.
+    steps = 400
+    # No periodic checkpoint before the warning: see test_signal_after_a_periodic_checkpoint.
+    overrides = [f"training.train_steps={steps}", "training.micro_batch_size=8",
+                 "training.eval_interval=0", "checkpoint.save_interval=0", "logging.wandb=false",
+                 f"run_dir={run_dir}"]
+    job_id = cluster.sbatch("--job-name=timelimit", "--time=2", "--signal=B:USR1@60",
+                            str(SLURM_DIR / "train.sbatch"), RECIPE, *overrides)
+    cluster.wait(job_id, lambda j: j["Restarts"] == "1", "requeued by its script", timeout=240)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=15")
+    job = cluster.wait_done(job_id)
+    log = cluster.job_log(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", cluster.diagnose(job_id)
+    assert "train.sbatch: " in log and "SIGUSR1 received" in log
+    assert "signal-agents.sh: SIGUSR1 sent to 1 agent(s)" in log  # to torchrun, not the step
+    stopped = re.search(rf"exit status: preempted at step (\d+) of {steps} \(signal SIGUSR1", log)
+    assert stopped, log
+    stopped = int(stopped.group(1))
+    assert f"requeueing job {job_id} to resume from step {stopped}" in log
+    assert 0 < stopped < steps and _resumed_step(run_dir) == stopped
+    train_steps = [r["step"] for r in read_metrics(run_dir)]
+    assert train_steps == list(range(1, steps + 1))  # nothing repeated, nothing skipped
+    status = json.loads((run_dir / "exit_status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == steps
+    print(f"time-limit test: SIGUSR1 warning stopped the run at step {stopped}, resumed there")
+
+
+def test_submit_chains_the_two_phases(cluster, reference):
+    run_dir = cluster.work / "phases"
+    out = cluster.run(str(SLURM_DIR / "submit.sh"), "--chain", RECIPE, *OVERRIDES,
+                      f"run_dir={run_dir}")
+    phase1, phase2 = out.stdout.split()
+    assert f"steps 1-{SUPERPOSITION_STEPS}" in out.stderr, out.stderr
+    assert cluster.job(phase2)["JobState"] == "PENDING"
+    job1 = cluster.wait_done(phase1)
+    job2 = cluster.wait_done(phase2, timeout=300)
+    assert job1["JobState"] == job2["JobState"] == "COMPLETED", \
+        cluster.diagnose(phase1) + cluster.diagnose(phase2)
+    assert job1["JobName"] == "demo-cpu-p1" and job2["JobName"] == "demo-cpu-p2"
+    log1 = cluster.job_log(phase1)
+    assert f"training.exit_at_step={SUPERPOSITION_STEPS}" in log1
+    assert f"exit status: stopped at step {SUPERPOSITION_STEPS} of {STEPS}" in log1, log1
+    assert _resumed_step(run_dir) == SUPERPOSITION_STEPS
+    assert f"resumed from {run_dir}/checkpoints/step_{SUPERPOSITION_STEPS:07d}" in \
+        cluster.job_log(phase2)
+    _assert_same_losses(run_dir, reference)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "trainer: the first checkpoint save starts megatron's results-queue Manager (a spawned "
+    "process, dist_checkpointing/strategies/filesystem_async.py) with default signal handling; "
+    "torchrun forwards a signal to each worker's whole process group (killpg) and Slurm's "
+    "SIGTERM reaches every process, so the Manager dies and the save the signal asks for fails "
+    "(BrokenPipeError). Fix in megatron_tst: create it with the exit signals blocked "
+    "(signal.pthread_sigmask) so that the child inherits the blocked mask."))
+def test_signal_after_a_periodic_checkpoint(cluster, reference):
+    """What production runs do: periodic checkpoints, then the time-limit warning."""
+    run_dir = cluster.work / "after-save"
+    job_id = cluster.sbatch("--job-name=after-save", str(SLURM_DIR / "train.sbatch"), RECIPE,
+                            *OVERRIDES, "checkpoint.save_interval=10", f"run_dir={run_dir}")
+    _wait_for_step(cluster, job_id, run_dir, 15)  # after the save at step 10
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)  # as --signal=B:USR1@T does
+    job = cluster.wait_done(job_id)
+    log = cluster.job_log(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", cluster.diagnose(job_id)
+    stopped = re.search(r"exit status: preempted at step (\d+) of 120 \(signal SIGUSR1", log)
+    assert stopped and _resumed_step(run_dir) == int(stopped.group(1)) >= 15, log
+    _assert_same_losses(run_dir, reference)
