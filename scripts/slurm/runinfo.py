@@ -7,9 +7,10 @@
                                                      (round(tst.ratio * train_steps) or
                                                      tst.superposition_steps)
     runinfo.py train-steps RECIPE [key=value ...]    training.train_steps
-    runinfo.py exit-status RUN_DIR|FILE              "STATUS STEP TRAIN_STEPS SIGNAL CHECKPOINT"
-                                                     from RUN_DIR/exit_status.json (or FILE), "-"
-                                                     for null; exit 3 if missing or unreadable
+    runinfo.py exit-status RUN_DIR|FILE              "STATUS STEP TRAIN_STEPS SIGNAL CHECKPOINT
+                                                     REASON" from RUN_DIR/exit_status.json (or
+                                                     FILE), "-" for null or absent; exit 3 if
+                                                     missing or unreadable
 
 ``exit-status`` uses the standard library only, so a batch shell outside the training container
 can run it with any python3. The others import ``megatron_tst.config`` from this checkout (it needs PyYAML, not torch), so
@@ -53,7 +54,8 @@ def _exit_status(argv: list[str]) -> int:
         path = path / "exit_status.json"
     try:
         s = json.loads(path.read_text())
-        fields = [s["status"], s["step"], s["train_steps"], s.get("signal"), s.get("checkpoint")]
+        fields = [s["status"], s["step"], s["train_steps"], s.get("signal"), s.get("checkpoint"),
+                  s.get("reason")]
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(f"runinfo.py: no readable {path}: {err}", file=sys.stderr)
         return 3

@@ -50,14 +50,16 @@ def test_runinfo_exit_status(tmp_path):
     assert missing.returncode == 3 and "exit_status.json" in missing.stderr
     (tmp_path / "exit_status.json").write_text(json.dumps(
         {"status": "preempted", "step": 23, "train_steps": 120,
-         "checkpoint": "/runs/a b/checkpoints/step_0000023", "signal": "SIGUSR1"}))
+         "checkpoint": "/runs/a b/checkpoints/step_0000023", "signal": "SIGUSR1",
+         "reason": "signal"}))
     out = _runinfo("exit-status", str(tmp_path)).stdout.split()
-    assert out == ["preempted", "23", "120", "SIGUSR1", "/runs/a_b/checkpoints/step_0000023"]
+    assert out == ["preempted", "23", "120", "SIGUSR1", "/runs/a_b/checkpoints/step_0000023",
+                   "signal"]
     (tmp_path / "prev.json").write_text(json.dumps(
         {"status": "finished", "step": 120, "train_steps": 120, "checkpoint": None,
          "signal": None}))
     assert _runinfo("exit-status", str(tmp_path / "prev.json")).stdout.split() == \
-        ["finished", "120", "120", "-", "-"]
+        ["finished", "120", "120", "-", "-", "-"]  # no reason field: older trainers
 
 
 def test_submit_chain_dry_run(tmp_path):
