@@ -28,7 +28,7 @@ _EXPORTS = {
     "Document": "corpus",
     "demo_documents": "corpus",
     "split_documents": "corpus",
-    "DataError": "preprocess",
+    "DataError": "errors",
     "PreprocessResult": "preprocess",
     "preprocess_documents": "preprocess",
     "add_preprocess_arguments": "preprocess",
