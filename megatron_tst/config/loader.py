@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import types
 import typing
@@ -107,8 +108,8 @@ def _load_yaml_tree(path: Path, sources: dict[str, str], chain: tuple) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read the recipe ({err.strerror or err}); check its "
-                          f"permissions") from None
+        fix = "check its permissions" if err.errno == errno.EACCES else "check the file"
+        raise ConfigError(f"{path}: cannot read the recipe ({err.strerror or err}); {fix}") from None
     try:
         data = _parse_yaml(text)
     except yaml.YAMLError as err:
