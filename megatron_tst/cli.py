@@ -29,7 +29,8 @@ def _cmd_train(args) -> int:
     check_run_data(cfg)
 
     from megatron_tst.training.distributed import destroy_distributed
-    from megatron_tst.training.signals import EXIT_PREEMPTED, PREEMPTED
+    from megatron_tst.training.faults import EXIT_NONFINITE
+    from megatron_tst.training.signals import EXIT_PREEMPTED, FAILED, PREEMPTED
     from megatron_tst.training.trainer import train
 
     try:
@@ -37,7 +38,7 @@ def _cmd_train(args) -> int:
     finally:
         destroy_distributed()
     _print_summary(cfg, result)
-    return EXIT_PREEMPTED if result.status == PREEMPTED else 0
+    return {PREEMPTED: EXIT_PREEMPTED, FAILED: EXIT_NONFINITE}.get(result.status, 0)
 
 
 def _cmd_demo(args) -> int:
@@ -54,7 +55,8 @@ def _print_summary(cfg, result) -> None:
 
     if int(os.environ.get("RANK", 0)) != int(os.environ.get("WORLD_SIZE", 1)) - 1:
         return
-    how = {"preempted": f"stopped by {result.signal}", "stopped": "stopped (exit_at_step)"}
+    how = {"preempted": f"stopped by {result.signal or 'its time limit'}",
+           "stopped": "stopped (exit_at_step)", "failed": "stopped on a non-finite loss"}
     print(f"\nrun '{cfg.name}' {how.get(result.status, 'finished')} at step {result.step} "
           f"in {result.wall_time_s:.1f} s")
     if result.train_loss is not None:

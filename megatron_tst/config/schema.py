@@ -106,6 +106,12 @@ class TrainingConfig:
     # Signals that make every rank finish the step, save a checkpoint and exit with status 75
     # (Slurm: SIGTERM on preemption/requeue, SIGUSR1 from --signal=B:USR1@T before the limit).
     exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Save and exit (status 75) before this many minutes since start: stops once the time left
+    # is less than the longest step plus the last save took. None = no limit.
+    time_limit_minutes: Optional[float] = None
+    # A non-finite loss or gradient: skip the update (counted) or stop after saving (status 3).
+    nonfinite: Literal["stop", "skip"] = "stop"
+    loss_spike_sigma: float = 6.0  # flag losses this many robust sigmas above recent; 0 = off
 
 
 @dataclass
@@ -301,6 +307,11 @@ class RunConfig:
         if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.train_steps:
             fail("training.exit_at_step", f"must be in [1, training.train_steps={t.train_steps}]")
         from megatron_tst.training.signals import signal_number
+
+        if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
+            fail("training.time_limit_minutes", "must be positive (or null for no limit)")
+        if t.loss_spike_sigma < 0:
+            fail("training.loss_spike_sigma", "must be >= 0 (0 turns the detector off)")
 
         for name in t.exit_signals:
             try:

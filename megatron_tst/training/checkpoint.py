@@ -14,7 +14,8 @@ retention. A process killed at any point leaves ``latest`` on a complete checkpo
 uses the previous complete one (and says which incomplete directories it skipped). Retention
 counts complete checkpoints only, never removes the one ``latest`` names, and removes incomplete
 leftovers of crashed saves. ``MEGATRON_TST_FAILPOINT=<point>[@step]`` kills the process with
-SIGKILL at a named point of a save (``FAILPOINTS``): the crash-safety tests use it.
+SIGKILL at a named point of a save (``FAILPOINTS``, ``training/failpoints.py``): the crash-safety
+tests use it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
+from megatron_tst.training.failpoints import kill_if
 from megatron_tst.training.optim import inner_optimizers
 
 log = logging.getLogger(__name__)
@@ -66,23 +67,11 @@ class TrainState:
     bag_size: int = 1  # tokens per position in that step (s in the superposition phase)
     data_chunk: int = 1  # the data stream is cut in chunks of data_chunk * seq_length tokens
     vocab_size: int = 0  # the model's vocabulary before padding (0: unknown)
+    skipped_steps: int = 0  # steps whose update was skipped (training.nonfinite=skip)
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def failpoint(name: str, step: int) -> None:
-    """Fault injection for tests: SIGKILL this process if MEGATRON_TST_FAILPOINT names the point
-    (optionally ``@step``)."""
-    want = os.environ.get("MEGATRON_TST_FAILPOINT")
-    if not want:
-        return
-    point, _, at = want.partition("@")
-    if point == name and (not at or int(at) == step):
-        log.warning("failpoint %s at step %d: killing the process", name, step)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def is_complete(path: Path) -> bool:
@@ -240,21 +229,21 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler,
             _set_aside(path)
         path.mkdir(parents=True)
     dist.barrier()
-    failpoint("save:before_write", step)
+    kill_if("save:before_write", step)
     state = _sharded_state_dict(model_chunks, optimizer, scheduler, train_state, cfg,
                                 is_loading=False)
     dist_checkpointing.save(state, str(path))
-    failpoint("save:after_write", step)
+    kill_if("save:after_write", step)
     dist.barrier()
     if rank == 0:
         (path / "run_config.yaml").write_text(config_to_yaml(cfg))
-        failpoint("save:before_record", step)
+        kill_if("save:before_record", step)
         _write_atomic(path / RECORD, json.dumps(
             {"format_version": FORMAT_VERSION, "step": step, "phase": train_state.phase,
              "consumed_tokens": train_state.consumed_tokens}, indent=2) + "\n")
-        failpoint("save:before_latest", step)
+        kill_if("save:before_latest", step)
         _write_atomic(root / LATEST, path.name + "\n")
-        failpoint("save:before_prune", step)
+        kill_if("save:before_prune", step)
         _prune(root, cfg.checkpoint.keep_last, keep=path)
     dist.barrier()
     return path
@@ -291,7 +280,7 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
     for i, old in enumerate(doomed):
         shutil.rmtree(old, ignore_errors=True)
         if i == 0:
-            failpoint("prune:after_first_delete", int(STEP_DIR.match(keep.name).group(1)))
+            kill_if("prune:after_first_delete", int(STEP_DIR.match(keep.name).group(1)))
 
 
 # --------------------------------------------------------------------------------- loading

@@ -30,7 +30,7 @@ def wrap_model(cfg: RunConfig, model: torch.nn.Module, chunk_index: int = 0):
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,  # training/faults.py checks, then applies the policy
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
                                    disable_bucketing=chunk_index > 0)

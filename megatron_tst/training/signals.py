@@ -1,7 +1,7 @@
 """Stop cleanly on a signal: finish the step, save, exit with a status a launcher can act on.
 
 Slurm sends SIGTERM when it preempts or requeues a job and, with ``--signal=B:USR1@T``, SIGUSR1
-ahead of the time limit. A handler for each name in ``training.exit_signals`` only records the
+ahead of the time limit; ``training.time_limit_minutes`` does the same from inside the job. A handler for each name in ``training.exit_signals`` only records the
 signal; after every step the ranks agree on it (one MAX all-reduce of the signal number, so a
 signal that reached a single rank stops them all at the same step), the trainer saves a
 checkpoint and the process exits with ``EXIT_PREEMPTED``. Every ``train`` command ends by
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped early; resubmit (requeue) to continue
-FINISHED, PREEMPTED, STOPPED = "finished", "preempted", "stopped"
+FINISHED, PREEMPTED, STOPPED, FAILED = "finished", "preempted", "stopped", "failed"
+TIME_LIMIT = "time_limit"  # the stop reason when training.time_limit_minutes is reached
 
 
 def signal_number(name: str) -> int:
@@ -50,16 +51,17 @@ class ExitSignalHandler:
     def _record(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self) -> Optional[str]:
-        """The signal any rank received (the highest number if several), or None."""
+    def agreed(self, time_up: bool = False) -> Optional[str]:
+        """The signal any rank received (the highest number if several), else ``TIME_LIMIT``
+        if any rank's time is up, else None."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([self.received], dtype=torch.int64, device=self.device)
+        flag = torch.tensor([self.received, int(time_up)], dtype=torch.int64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        num = int(flag.item())
-        return signal.Signals(num).name if num else None
+        num, late = int(flag[0]), int(flag[1])
+        return signal.Signals(num).name if num else TIME_LIMIT if late else None
 
     def restore(self) -> None:
         for num, handler in self._previous.items():
@@ -68,12 +70,15 @@ class ExitSignalHandler:
 
 
 def write_exit_status(run_dir: str | Path, *, status: str, step: int, train_steps: int,
-                      checkpoint: Optional[str], signal_name: Optional[str]) -> Path:
-    """Atomically write ``exit_status.json`` (written by global rank 0 only)."""
+                      checkpoint: Optional[str], signal_name: Optional[str],
+                      reason: Optional[str] = None) -> Path:
+    """Atomically write ``exit_status.json`` (written by global rank 0 only). ``reason``:
+    ``signal`` or ``time_limit`` (preempted), ``nonfinite`` (failed), else null."""
     path = Path(run_dir) / "exit_status.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps({"status": status, "step": step, "train_steps": train_steps,
-                               "checkpoint": checkpoint, "signal": signal_name}, indent=2) + "\n")
+                               "checkpoint": checkpoint, "signal": signal_name,
+                               "reason": reason}, indent=2) + "\n")
     os.replace(tmp, path)
     return path

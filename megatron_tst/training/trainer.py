@@ -24,13 +24,14 @@ from megatron_tst.models.gpt import build_model_chunks, count_parameters, padded
 from megatron_tst.models.sizing import flops_per_step
 from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training.distributed import init_distributed
+from megatron_tst.training.faults import EXIT_NONFINITE, SpikeDetector, nonfinite_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
 from megatron_tst.training.moe_metrics import moe_metrics
 from megatron_tst.training.optim import (apply_optimizer_hyperparameters, build_optimizer,
                                         build_scheduler, connect_schedule_hooks, wrap_model)
 from megatron_tst.training.resume import changes_schedule, check_resume
-from megatron_tst.training.signals import (FINISHED, PREEMPTED, STOPPED, ExitSignalHandler,
-                                           write_exit_status)
+from megatron_tst.training.signals import (FAILED, FINISHED, PREEMPTED, STOPPED, TIME_LIMIT,
+                                           ExitSignalHandler, write_exit_status)
 from megatron_tst.training.step import (make_forward_step, make_superposition_forward_step,
                                         reduce_loss)
 from megatron_tst.training.switch import apply_switch
@@ -47,8 +48,10 @@ class TrainResult:
     checkpoint: Optional[str]
     consumed_tokens: int
     wall_time_s: float
-    status: str = FINISHED  # finished | stopped (training.exit_at_step) | preempted (a signal)
+    # finished | stopped (training.exit_at_step) | preempted (signal, time limit) | failed
+    status: str = FINISHED
     signal: Optional[str] = None
+    reason: Optional[str] = None  # signal | time_limit | nonfinite
 
 
 class Trainer:
@@ -57,6 +60,8 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.cfg = cfg
+        self.started = time.time()  # for training.time_limit_minutes
+        self.longest_step_s = self.last_save_s = 0.0
         self.env = init_distributed(cfg)
         setup_logging(self.env.rank, self.env.is_logging_rank)
         t, L = cfg.training, cfg.model.seq_length
@@ -106,7 +111,7 @@ class Trainer:
             self.state = ckpt.load_checkpoint(load_path, cfg, self.model, self.optimizer,
                                               self.scheduler)
             self.state.vocab_size = vocab
-            self.last_checkpoint = load_path
+            self.last_checkpoint, self.saved_at = load_path, self.state.step
             self._check_data_position(load_path)
             apply_optimizer_hyperparameters(cfg, self.optimizer)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_logging_rank,
@@ -158,16 +163,24 @@ class Trainer:
             micro_batch_size=self.cfg.training.micro_batch_size, forward_only=forward_only)
 
     def train_step(self, forward_step, data_iterator) -> dict:
+        """Forward, backward and (unless the loss or a gradient is non-finite) the update."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_dicts = self._run(forward_step, data_iterator, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step(increment=1)
         loss = reduce_loss(loss_dicts)
-        metrics = {"loss": None if loss is None else loss.item(), "lr": lr,
-                   "grad_norm": grad_norm, "skipped": not ok}
+        bad = nonfinite_step(loss, self.model, self.env.device, self.state.step + 1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics = {"loss": None if loss is None else loss.item(), "lr": lr}
+        if bad["loss"] or bad["grad"]:
+            metrics.update(grad_norm=None, skipped=True,
+                           nonfinite=[k for k in ("loss", "grad") if bad[k]])
+            if self.cfg.training.nonfinite == "skip":
+                self.scheduler.step(increment=1)
+            return metrics
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics.update(grad_norm=grad_norm, skipped=not ok)
         if self.cfg.model.num_moe_experts:
             metrics.update(moe_metrics(self.layout.num_microbatches))
         return metrics
@@ -214,8 +227,10 @@ class Trainer:
         return out
 
     def save(self) -> None:
+        tic = time.time()
         self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
                                                     self.scheduler, self.state)
+        self.last_save_s = time.time() - tic
         self.saved_at = self.state.step
         self.metrics.event(self.state.step, f"saved checkpoint {self.last_checkpoint}")
 
@@ -229,8 +244,9 @@ class Trainer:
         evaluated_at = None  # same on every rank (the loss itself exists on the last stage only)
         it, current = None, None
         signals = ExitSignalHandler(t.exit_signals, self.env.device)
+        spikes = SpikeDetector(t.loss_spike_sigma)
         self._write_status("running")
-        received = None
+        outcome = None  # (status, reason, signal) when the loop ends early
         while st.step < stop:
             phase = sched.phase(st.step)
             if phase != current:
@@ -247,6 +263,11 @@ class Trainer:
             tic = time.time()
             m = self.train_step(forward_step, it)
             elapsed = time.time() - tic
+            self.longest_step_s = max(self.longest_step_s, elapsed)
+            if m.get("nonfinite"):
+                outcome = self._on_nonfinite(m)
+                if outcome:
+                    break
             st.step += 1
             st.consumed_samples += B
             st.consumed_tokens += B * L * phase.bag_size
@@ -254,8 +275,13 @@ class Trainer:
             m.update(phase=phase.name, bag_size=phase.bag_size, step_time_s=elapsed,
                      data_tokens=st.consumed_tokens, model_positions=st.consumed_samples * L,
                      tokens_per_s=B * L * phase.bag_size / elapsed, positions_per_s=B * L / elapsed,
-                     flops=st.step * self.flops_per_step)
+                     flops=st.step * self.flops_per_step, skipped_steps=st.skipped_steps)
             train_loss = m["loss"] if m["loss"] is not None else train_loss
+            spike = spikes.update(m["loss"], phase.name) if self.env.is_logging_rank else None
+            if spike:
+                m["loss_spike"] = not spike[1]
+                self.metrics.event(st.step, spike[0]) if spike[1] else log.warning(
+                    "step %d: %s", st.step, spike[0])
             self.metrics.log(st.step, m)
             if self.env.is_logging_rank and (st.step % t.log_interval == 0 or st.step == stop):
                 log.info(format_metrics(st.step, t.train_steps, m))
@@ -266,33 +292,69 @@ class Trainer:
             if (interval and st.step % interval == 0) or (
                     st.step == stop and (cfg.checkpoint.save_final or stop < t.train_steps)):
                 self.save()
-            received = signals.agreed()
+            received = signals.agreed(self._time_is_up())
             if received:
-                log.warning("%s received: saving at step %d and exiting with status 75 "
-                            "(resubmit to resume)", received, st.step)
-                if self.saved_at != st.step:
-                    self.save()
-                self.metrics.event(st.step, f"stopped by {received}")
+                outcome = self._stop_early(received)
                 break
         signals.restore()
-        if t.eval_interval and evaluated_at != st.step and not received:
+        if t.eval_interval and evaluated_at != st.step and not outcome:
             valid_loss = self._log_eval()
         self.metrics.close()
-        status = PREEMPTED if received else FINISHED if st.step >= t.train_steps else STOPPED
+        status, reason, signal_name = outcome or (
+            FINISHED if st.step >= t.train_steps else STOPPED, None, None)
         result = TrainResult(st.step, train_loss, valid_loss,
                              str(self.last_checkpoint) if self.last_checkpoint else None,
-                             st.consumed_tokens, time.time() - start, status, received)
-        self._write_status(status, result.checkpoint, received)
+                             st.consumed_tokens, time.time() - start, status, signal_name, reason)
+        self._write_status(status, result.checkpoint, signal_name, reason)
         return result
 
+    def _time_is_up(self) -> bool:
+        """training.time_limit_minutes: less time left than the longest step plus a save."""
+        limit = self.cfg.training.time_limit_minutes
+        if limit is None:
+            return False
+        left = limit * 60 - (time.time() - self.started)
+        return left < self.longest_step_s + self.last_save_s
+
+    def _stop_early(self, received: str) -> tuple:
+        why = ("training.time_limit_minutes is near" if received == TIME_LIMIT
+               else f"{received} received")
+        log.warning("%s: saving at step %d and exiting with status 75 (resubmit to resume)",
+                    why, self.state.step)
+        if self.saved_at != self.state.step:
+            self.save()
+        self.metrics.event(self.state.step, f"stopped: {why}")
+        if received == TIME_LIMIT:
+            return PREEMPTED, TIME_LIMIT, None
+        return PREEMPTED, "signal", received
+
+    def _on_nonfinite(self, m: dict) -> Optional[tuple]:
+        """Apply training.nonfinite to a step whose update was withheld; None to go on."""
+        st, what = self.state, " and ".join(m["nonfinite"])
+        step = st.step + 1
+        if self.cfg.training.nonfinite == "skip":
+            st.skipped_steps += 1
+            log.warning("step %d: non-finite %s: update skipped (%d skipped so far; "
+                        "training.nonfinite=skip)", step, what, st.skipped_steps)
+            self.metrics.event(step, f"non-finite {what}: update skipped")
+            return None
+        log.error("step %d: non-finite %s: the weights are those after step %d; saving them and "
+                  "stopping (exit status %d). Resume with training.nonfinite=skip to skip this "
+                  "batch, or with a lower optimizer.lr (checkpoint.allow_changes=[optimizer.lr])",
+                  step, what, st.step, EXIT_NONFINITE)
+        self.metrics.event(step, f"non-finite {what}: stopped")
+        if self.saved_at != st.step:
+            self.save()
+        return FAILED, "nonfinite", None
+
     def _write_status(self, status: str, checkpoint: Optional[str] = None,
-                      signal_name: Optional[str] = None) -> None:
+                      signal_name: Optional[str] = None, reason: Optional[str] = None) -> None:
         """``exit_status.json`` for launchers: 'running' until the loop ends, so that a crash is
         never mistaken for a clean preemption."""
         if self.env.rank == 0:
             write_exit_status(self.cfg.resolved_run_dir, status=status, step=self.state.step,
                               train_steps=self.cfg.training.train_steps, checkpoint=checkpoint,
-                              signal_name=signal_name)
+                              signal_name=signal_name, reason=reason)
 
     def _log_eval(self) -> Optional[float]:
         losses = self.evaluate()
