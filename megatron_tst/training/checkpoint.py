@@ -304,13 +304,13 @@ def load_checkpoint(path: Path, cfg: RunConfig, model_chunks, optimizer,
         log.warning("checkpoint %s was written with (PP, TP)=%s, this run has %s: RNG states are "
                     "not restored", path, saved_layout, _current_layout())
         state.pop("rng_state")
-    with torch.no_grad():
+    with torch.no_grad():  # the distributed optimizer copies into views of the fp32 weights
         loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
-    if with_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
-        _sync_optimizer_step_counts(optimizer)
+        for i, chunk in enumerate(model_chunks):
+            chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+        if with_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
+            _sync_optimizer_step_counts(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])

@@ -11,6 +11,7 @@ writing ``<run_dir>/exit_status.json`` (``write_exit_status``), which launchers 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,15 +38,18 @@ def signal_number(name: str) -> int:
 
 
 class ExitSignalHandler:
-    """Records the exit signals; ``agreed()`` is a collective every rank calls after each step."""
+    """Records the exit signals from construction (before the slow set-up, so a signal then is
+    not lost); ``agreed()`` is a collective every rank calls after each step; ``blocked()``
+    holds the signals back during a checkpoint save."""
 
-    def __init__(self, names: list[str], device: "torch.device"):
-        self.device = device
+    def __init__(self, names: list[str], device: Optional["torch.device"] = None):
+        self.device = device  # set once the process group exists
         self.received = 0  # signal number, 0 = none
+        self.numbers = sorted({signal_number(n) for n in names})
         self._previous: dict[int, object] = {}
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread (e.g. not in tests' threads)
-        for num in {signal_number(n) for n in names}:
+        for num in self.numbers:
             self._previous[num] = signal.signal(num, self._record)
 
     def _record(self, signum, frame) -> None:
@@ -62,6 +66,24 @@ class ExitSignalHandler:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         num, late = int(flag[0]), int(flag[1])
         return signal.Signals(num).name if num else TIME_LIMIT if late else None
+
+    @contextlib.contextmanager
+    def blocked(self):
+        """Hold the exit signals back (delivered, and recorded, when the block ends).
+
+        Around checkpoint saves: megatron's checkpoint writer starts a helper process at the
+        first save and keeps it; created while the signals are blocked, it inherits the block,
+        so a SIGTERM or SIGUSR1 sent to the whole process group (torchrun, Slurm) cannot kill it
+        and break the very save the signal asks for.
+        """
+        if not self.numbers or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.numbers)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def restore(self) -> None:
         for num, handler in self._previous.items():

@@ -62,7 +62,9 @@ class Trainer:
         self.cfg = cfg
         self.started = time.time()  # for training.time_limit_minutes
         self.longest_step_s = self.last_save_s = 0.0
+        self.signals = ExitSignalHandler(cfg.training.exit_signals)  # recorded from here on
         self.env = init_distributed(cfg)
+        self.signals.device = self.env.device
         setup_logging(self.env.rank, self.env.is_logging_rank)
         t, L = cfg.training, cfg.model.seq_length
         self.schedule = PhaseSchedule.from_config(cfg)
@@ -228,8 +230,9 @@ class Trainer:
 
     def save(self) -> None:
         tic = time.time()
-        self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
-                                                    self.scheduler, self.state)
+        with self.signals.blocked():
+            self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
+                                                        self.scheduler, self.state)
         self.last_save_s = time.time() - tic
         self.saved_at = self.state.step
         self.metrics.event(self.state.step, f"saved checkpoint {self.last_checkpoint}")
@@ -243,7 +246,7 @@ class Trainer:
         train_loss = valid_loss = None
         evaluated_at = None  # same on every rank (the loss itself exists on the last stage only)
         it, current = None, None
-        signals = ExitSignalHandler(t.exit_signals, self.env.device)
+        signals = self.signals
         spikes = SpikeDetector(t.loss_spike_sigma)
         self._write_status("running")
         outcome = None  # (status, reason, signal) when the loop ends early

@@ -270,13 +270,6 @@ def test_submit_chains_the_two_phases(cluster, reference):
     _assert_same_losses(run_dir, reference)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer: the first checkpoint save starts megatron's results-queue Manager (a spawned "
-    "process, dist_checkpointing/strategies/filesystem_async.py) with default signal handling; "
-    "torchrun forwards a signal to each worker's whole process group (killpg) and Slurm's "
-    "SIGTERM reaches every process, so the Manager dies and the save the signal asks for fails "
-    "(BrokenPipeError). Fix in megatron_tst: create it with the exit signals blocked "
-    "(signal.pthread_sigmask) so that the child inherits the blocked mask."))
 def test_signal_after_a_periodic_checkpoint(cluster, reference):
     """What production runs do: periodic checkpoints, then the time-limit warning."""
     run_dir = cluster.work / "after-save"

@@ -46,15 +46,18 @@ def test_signal_to_one_rank_saves_stops_all_and_resumes_exactly(tiny_recipe, tmp
     run_dir = tmp_path / "signalled"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), "-m", "megatron_tst.cli",
-           *common, f"run_dir={run_dir}"]
+           *common, f"run_dir={run_dir}", "checkpoint.save_interval=2", "checkpoint.keep_last=0"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_step(run_dir, 3, proc)
+        _wait_for_step(run_dir, 3, proc)  # after the periodic checkpoint of step 2
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2
-        os.kill(workers[0].pid, signal.SIGUSR1)  # one rank only: the ranks must agree
+        # One rank only (the ranks must agree), to its whole process group as torchrun and
+        # Slurm deliver it: megatron's checkpoint writer helper started by the step-2 save is in
+        # that group and must survive to write the signal's checkpoint.
+        os.killpg(os.getpgid(workers[0].pid), signal.SIGUSR1)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()

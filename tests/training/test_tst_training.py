@@ -35,13 +35,15 @@ def test_switch_inside_one_run_and_accounting(tiny_recipe, tmp_path):
     assert "phase switch" in out.stdout
 
 
-def test_resume_before_at_and_after_the_switch_is_bitwise(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("nproc, layout", [
+    (1, []), (2, ["parallel.use_distributed_optimizer=true"])], ids=["1-process", "dp2-distopt"])
+def test_resume_before_at_and_after_the_switch_is_bitwise(tiny_recipe, tmp_path, nproc, layout):
     full, chain = tmp_path / "full", tmp_path / "chain"
-    run_cli(["train", str(tiny_recipe), f"run_dir={full}", *TST])
+    run_cli(["train", str(tiny_recipe), f"run_dir={full}", *TST, *layout], nproc=nproc)
     for stop in (2, 3, 4):  # before, at and after the switch (superposition_steps=3)
-        run_cli(["train", str(tiny_recipe), f"run_dir={chain}", *TST,
-                 f"training.exit_at_step={stop}"])
-    run_cli(["train", str(tiny_recipe), f"run_dir={chain}", *TST])
+        run_cli(["train", str(tiny_recipe), f"run_dir={chain}", *TST, *layout,
+                 f"training.exit_at_step={stop}"], nproc=nproc)
+    run_cli(["train", str(tiny_recipe), f"run_dir={chain}", *TST, *layout], nproc=nproc)
     a = [(r["step"], r["phase"], r["loss"], r["grad_norm"]) for r in records(full)]
     b = [(r["step"], r["phase"], r["loss"], r["grad_norm"]) for r in records(chain)]
     assert a == b  # exact equality, every step, across three resumes
