@@ -2,8 +2,11 @@
 # so megatron-core uses the TE layer spec and fused kernels; the CPU compatibility layer is never
 # loaded there (it only applies when CUDA is absent).
 #   docker build -t megatron-tst .
-#   docker run --gpus all --ipc=host -v $PWD/runs:/workspace/megatron-tst/runs megatron-tst \
-#       torchrun --nproc-per-node 8 -m megatron_tst.cli train configs/demo-cpu.yaml
+#   docker run --gpus all --ipc=host -v $PWD/runs:/workspace/megatron-tst/runs \
+#       -v /data:/workspace/megatron-tst/data megatron-tst \
+#       torchrun --nproc-per-node 8 -m megatron_tst.cli train configs/270m.yaml
+# On Slurm with enroot + pyxis: docs/launching.md (enroot import dockerd://megatron-tst, then
+# MEGATRON_TST_IMAGE=... sbatch scripts/slurm/train.sbatch configs/270m.yaml).
 ARG BASE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE}
 
@@ -15,7 +18,8 @@ ENV PYTHONUNBUFFERED=1 \
 # sees them as satisfying the requirements and installs nothing over them.
 COPY setup.py README.md ./
 COPY megatron_tst/__init__.py megatron_tst/__init__.py
-RUN pip install -e ".[demo,hf,tensorboard]" && python -c "import megatron.core, transformer_engine"
+RUN pip install -e ".[demo,hf,tensorboard]" \
+    && python -c "import megatron.core, transformer_engine, apex; print('megatron-core', megatron.core.__version__)"
 
 COPY . .
 RUN pip install --no-deps -e . && megatron-tst --help > /dev/null
