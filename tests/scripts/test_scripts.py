@@ -120,3 +120,26 @@ def test_shellcheck_clean():
     scripts = sorted(str(p) for p in SLURM_DIR.glob("*.sh")) + [str(SLURM_DIR / "train.sbatch")]
     result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_launcher_two_nodes_rendezvous(tiny_recipe, tmp_path):
+    """Two launch.sh instances as two Slurm nodes (node ranks 0 and 1, one worker each) on this
+    machine: the static rendezvous from the Slurm variables forms one 2-rank job."""
+    from tests.conftest import _free_port, read_metrics
+
+    run_dir = tmp_path / "run"
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "MEGATRON_TST_NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    clean = {k: v for k, v in os.environ.items() if k not in SLURM_VARS}
+    cmd = [str(SLURM_DIR / "launch.sh"), str(tiny_recipe), f"run_dir={run_dir}",
+           "training.train_steps=2", "training.eval_interval=0", "schedule.warmup_steps=1"]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**clean, "MEGATRON_TST_PYTHON": sys.executable,
+                                              **env, "SLURM_NODEID": str(rank)})
+             for rank in (0, 1)]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "launch.sh: node 0/2" in outs[0] and "launch.sh: node 1/2" in outs[1]
+    assert "world size 2" in outs[0] + outs[1]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
