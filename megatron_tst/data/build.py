@@ -107,6 +107,9 @@ def load_run_tokenizer(cfg: RunConfig, path: Optional[str] = None, *, light: boo
             raise fail(f"{path} is a Hugging Face tokenizer directory, not a sentencepiece "
                        f".model; set data.tokenizer.type=huggingface", "data.tokenizer.type", kind)
         raise fail(f"{path} is a directory; give the sentencepiece .model file in it")
+    if kind == "sentencepiece" and p.suffix == ".vocab" and p.with_suffix(".model").is_file():
+        raise fail(f"{path} is sentencepiece's vocabulary listing, not the model; give "
+                   f"{p.with_suffix('.model')}")
     options = {"eod_token": t.eod_token} if kind == "huggingface" and t.eod_token else {}
     try:
         return load_tokenizer(kind, path, **options)

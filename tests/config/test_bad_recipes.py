@@ -421,6 +421,12 @@ def _garbage_tokenizer(d, t):
             ["data.tokenizer.path=", "garbage.model", "not a valid sentencepiece model"])
 
 
+def _vocab_listing_as_model(d, t):
+    listing = Path(d["tokenizer"]).with_suffix(".vocab")  # written next to tok.model
+    return ([f"data.tokenizer.path={listing}"],
+            ["tok.vocab is sentencepiece's vocabulary listing", "give", "tok.model"])
+
+
 def _hf_without_eod(d, t):
     path = _hf_tokenizer(t / "tokenizer.json", ["<pad>"])
     return ([f"data.tokenizer.path={path}", "data.tokenizer.type=huggingface"],
@@ -482,6 +488,7 @@ DATA_CASES = {
     "huggingface-as-sentencepiece": _hf_as_sentencepiece,
     "hf-directory-as-sentencepiece": _hf_directory_as_sentencepiece,
     "garbage-tokenizer": _garbage_tokenizer,
+    "vocab-listing-as-model": _vocab_listing_as_model,
     "hf-without-eod": _hf_without_eod,
     "hf-unknown-eod-token": _hf_unknown_eod,
 }
