@@ -329,9 +329,9 @@ def check_split(parts: Sequence[SplitPart], *, weights: Optional[Sequence[float]
     for part in parts:
         src, tokens = part.files.source, part.tokens
         if part.num_sequences == 0:
-            raise _fail(src, f"{part.what} {src.name} has no documents (megatron splits the "
-                             f"{part.files.num_sequences:,} sequences of {src.prefix} "
-                             f"{VALID_SPLIT} by count, which leaves this split empty); {size_fix}")
+            raise _fail(src, f"{part.what} {src.name} has no documents: megatron's "
+                             f"{VALID_SPLIT} split of its {part.files.num_sequences:,} sequences, "
+                             f"by count, leaves this part empty; {size_fix}")
         if tokens < need:
             raise DataError(
                 f"{part.what} {src.name} holds {tokens:,} tokens, fewer than one sample needs "
