@@ -186,8 +186,8 @@ def _source_of(key: Optional[str], sources: dict[str, str]) -> Optional[str]:
 # ------------------------------------------------------------------------------ typed building
 def _build(cls: type, tree: Any, prefix: str, sources: dict[str, str]):
     if not isinstance(tree, dict):
-        raise ConfigError(f"expected a mapping of {cls.__name__} keys (a section), got a "
-                          f"{type(tree).__name__}", key=prefix.rstrip(".") or None, value=tree,
+        raise ConfigError(f"expected a section: a mapping of {cls.__name__} keys",
+                          key=prefix.rstrip(".") or None, value=tree,
                           source=_source_of(prefix.rstrip("."), sources))
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]

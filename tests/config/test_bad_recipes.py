@@ -111,7 +111,7 @@ RECIPE_CASES = {
                            ["optimizer.lr=", "expected a number"], {}),
     "str-for-list": ({"data": {"train_paths": "a,b"}}, [],
                      ["data.train_paths='a,b'", "expected a list"], {}),
-    "scalar-for-section": ({"model": 3}, [], ["recipe.yaml", "model=3", "expected a mapping"], {}),
+    "scalar-for-section": ({"model": 3}, [], ["recipe.yaml", "model=3", "expected a section"], {}),
     "nan-number": ("optimizer:\n  lr: .nan\n", [], ["optimizer.lr", "finite number"], {}),
     "bad-choice": ({"model": {"normalization": "rmsnorm"}}, [],
                    ["model.normalization='rmsnorm'", "did you mean 'RMSNorm'"], {}),
