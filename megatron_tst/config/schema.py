@@ -171,7 +171,6 @@ class TSTConfig:
     respect_documents: bool = False  # bags and next-bag targets never cross an EOD token
     reset_optimizer_at_switch: bool = False  # ablation: fresh Adam moments in the recovery phase
     reinit_embeddings_at_switch: bool = False  # ablation: re-initialise embedding and LM head
-    loss_impl: Literal["fused", "reference"] = "fused"  # reference: plain, TP=1 only, for checks
 
     def num_superposition_steps(self, train_steps: int) -> int:
         if self.bag_size == 1:
@@ -179,6 +178,16 @@ class TSTConfig:
         if self.superposition_steps is not None:
             return self.superposition_steps
         return round((self.ratio or 0.0) * train_steps)
+
+
+@dataclass
+class LossConfig:
+    """How the LM loss is computed, in both phases (see docs/loss.md, docs/performance.md)."""
+
+    # auto: triton with CUDA and Triton importable, else fused. reference: materialised logits,
+    # s cross-entropies (TP=1, checks). fused: materialised logits, one vocab-parallel pass.
+    # chunked / triton: LM head fused into the loss, logits never materialised.
+    implementation: Literal["auto", "reference", "fused", "chunked", "triton"] = "auto"
 
 
 @dataclass
@@ -195,6 +204,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tst: TSTConfig = field(default_factory=TSTConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -353,9 +363,9 @@ class RunConfig:
             fail("tst.slot_weights", "is only used with tst.weighting=explicit")
         if x.weighting == "power_law" and x.power < 0:
             fail("tst.power", "must be >= 0")
-        if x.loss_impl == "reference" and self.parallel.tensor_model_parallel_size > 1:
-            fail("tst.loss_impl", "the reference loss needs full-vocabulary logits (TP=1); "
-                                  "use fused")
+        if self.loss.implementation == "reference" and self.parallel.tensor_model_parallel_size > 1:
+            fail("loss.implementation", "the reference loss needs full-vocabulary logits (TP=1); "
+                                        "use fused, chunked or triton")
 
     def validate_layout(self, world_size: int) -> None:
         p, t = self.parallel, self.training

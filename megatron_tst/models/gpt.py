@@ -51,6 +51,24 @@ def resolve_transformer_impl(cfg: RunConfig) -> str:
     return impl
 
 
+def resolve_loss_impl(cfg: RunConfig) -> str:
+    """``loss.implementation`` with ``auto`` resolved: triton on CUDA with Triton, else fused."""
+    impl = cfg.loss.implementation
+    if impl in ("auto", "triton"):
+        try:
+            import triton  # noqa: F401
+            ok = torch.cuda.is_available()
+        except Exception:
+            ok = False
+        if impl == "auto":
+            return "triton" if ok else "fused"
+        if not ok:
+            raise ConfigError("the Triton loss needs a CUDA device and Triton installed; use "
+                              "loss.implementation=chunked (or fused) on this machine",
+                              key="loss.implementation", value=impl)
+    return impl
+
+
 def build_transformer_config(cfg: RunConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -143,7 +161,8 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] 
                 post_process: Optional[bool] = None, vp_stage: Optional[int] = None):
     """One model chunk for this pipeline stage (parallel_state must be initialised).
 
-    A run with a superposition phase gets ``TSTGPTModel`` (same parameters, also takes bags).
+    A run with a superposition phase, or with a fused-linear loss (``loss.implementation``
+    chunked / triton), gets ``TSTGPTModel`` (same parameters, also takes bags).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -156,14 +175,16 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] 
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     cls, extra = GPTModel, {}
-    if PhaseSchedule.from_config(cfg).is_tst:
+    loss_impl = resolve_loss_impl(cfg)
+    # The fused-linear losses (LM head inside the loss) need TSTGPTModel in standard runs too.
+    if PhaseSchedule.from_config(cfg).is_tst or loss_impl in ("chunked", "triton"):
         from megatron_tst.tst.loss import slot_weights
         from megatron_tst.tst.model import TSTGPTModel
 
         x = cfg.tst
         cls = TSTGPTModel
         extra = dict(slot_weights=slot_weights(x.bag_size, x.weighting, x.power, x.slot_weights),
-                     loss_impl=x.loss_impl)
+                     loss_impl=loss_impl)
     model = cls(
         config=build_transformer_config(cfg),
         transformer_layer_spec=build_layer_spec(cfg, impl),

@@ -46,3 +46,37 @@ def test_token_labels_are_megatrons_cross_entropy(megatron_env):
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), labels.reshape(-1),
                                             reduction="none").view(2, 8)
     torch.testing.assert_close(per_token, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_losses_equal_the_logits_path(megatron_env):
+    """loss.implementation=chunked: no logits, same loss and gradients as fused, both phases."""
+    from megatron_tst.tst.linear_loss import linear_mce  # noqa: F401 (import check)
+
+    torch.manual_seed(0)
+    fused = build_model(cfg("tst.bag_size=4", "tst.ratio=0.3", "tst.weighting=power_law"), V)
+    chunked = build_model(cfg("tst.bag_size=4", "tst.ratio=0.3", "tst.weighting=power_law",
+                              "loss.implementation=chunked"), V)
+    chunked.load_state_dict(fused.state_dict())
+    assert chunked.loss_impl == "chunked" and fused.loss_impl == "fused"
+    window = torch.randint(0, V, (3, 4 * 8 + 1))
+    bags = fold_bags(window[:, :-1], window[:, 1:], 4)
+    pos = torch.arange(8).expand(3, 8)
+    tokens, labels = window[:, :8], window[:, 1:9]
+    for inputs, targets in ((bags.inputs, bags.targets), (tokens, labels)):
+        out = []
+        for model in (fused, chunked):
+            model.zero_grad()
+            loss = model(inputs, pos, attention_mask=None, labels=targets)
+            loss.sum().backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(out[1][1], out[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # logits without labels still come back (evaluation, inference)
+    assert chunked(tokens, pos, attention_mask=None).shape == (3, 8, V)
+
+
+def test_linear_loss_builds_the_tst_model_for_baselines(megatron_env):
+    model = build_model(cfg("tst.bag_size=1", "loss.implementation=chunked"), V)
+    assert isinstance(model, TSTGPTModel) and model.loss_impl == "chunked"
+    assert build_model(cfg("tst.bag_size=1"), V).__class__.__name__ == "GPTModel"  # auto on CPU

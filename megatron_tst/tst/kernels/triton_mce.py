@@ -1,0 +1,233 @@
+"""Triton kernels: fused LM head + multi-hot cross-entropy, logits never written to memory.
+
+Three kernels, each streaming vocabulary blocks of the LM-head weight ``W`` (V_local, D) against
+row blocks of the hidden states ``h`` (N, D); a block of logits ``h W^T`` (BM x BV, fp32
+accumulation) lives only in registers/SRAM:
+
+* ``_fwd``   grid over row blocks: online logsumexp over the vocabulary blocks (running max and
+  rescaled sum-exp per row) and the weighted sum of the target logits owned by this shard
+  (each of the ``s`` slots compares its local id against the block's columns, so duplicates
+  accumulate). Writes three floats per row.
+* ``_bwd_dh`` grid over row blocks: recomputes each logits block, forms
+  ``dz = g_n * (W_n * exp(z - lse_n) - sum_k w[n,k] [v == t[n,k]])`` and accumulates ``dz @ W``
+  into the row block's own ``dh`` rows (no atomics).
+* ``_bwd_dw`` grid over vocabulary blocks: the same ``dz`` and accumulates ``dz^T @ h`` into the
+  block's own rows of ``dW`` (no atomics, deterministic).
+
+The cross-rank combination of the per-row statistics (vocab parallelism) and the autograd glue
+are in ``TritonLinearMCE`` below and ``tst/linear_loss.py``. Under ``TRITON_INTERPRET=1`` (set
+before this module is imported) the kernels run on CPU tensors through Triton's interpreter; the
+operands of ``tl.dot`` are then upcast to fp32 first (the interpreter's 16-bit dot is not reliable),
+which gives the same fp32-accumulated values.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _logits_block(h_ptr, w_ptr, rows, rmask, cols, cmask, D, stride_h, stride_w,
+                  BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        dm = ds < D
+        a = tl.load(h_ptr + rows[:, None] * stride_h + ds[None, :],
+                    mask=rmask[:, None] & dm[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_w + ds[None, :],
+                    mask=cmask[:, None] & dm[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
+def _fwd(h_ptr, w_ptr, t_ptr, wt_ptr, max_ptr, se_ptr, tgt_ptr, N, V, D, stride_h, stride_w,
+         S: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+         UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < N
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    se = tl.zeros([BM], dtype=tl.float32)
+    tgt = tl.zeros([BM], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        cmask = cols < V
+        z = _logits_block(h_ptr, w_ptr, rows, rmask, cols, cmask, D, stride_h, stride_w,
+                          BM, BV, BD, UPCAST, IEEE)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        se = se * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        for k in tl.static_range(S):
+            t = tl.load(t_ptr + rows * S + k, mask=rmask, other=-1)
+            wk = tl.load(wt_ptr + rows * S + k, mask=rmask, other=0.0)
+            hit = cols[None, :] == t[:, None]
+            tgt += wk * tl.sum(tl.where(hit, z, 0.0), axis=1)
+    tl.store(max_ptr + rows, m, mask=rmask)
+    tl.store(se_ptr + rows, se, mask=rmask)
+    tl.store(tgt_ptr + rows, tgt, mask=rmask)
+
+
+@triton.jit
+def _dz_block(z, cols, cmask, rows, rmask, lse, scale, t_ptr, gw_ptr, S: tl.constexpr):
+    """dz = scale_n * exp(z - lse_n) - sum_k gw[n,k] [col == t[n,k]]  (fp32, 0 outside)."""
+    dz = tl.exp(z - lse[:, None]) * scale[:, None]
+    for k in tl.static_range(S):
+        t = tl.load(t_ptr + rows * S + k, mask=rmask, other=-1)
+        gk = tl.load(gw_ptr + rows * S + k, mask=rmask, other=0.0)
+        dz -= tl.where(cols[None, :] == t[:, None], gk[:, None], 0.0)
+    return tl.where(cmask[None, :] & rmask[:, None], dz, 0.0)
+
+
+@triton.jit
+def _bwd_dh(h_ptr, w_ptr, t_ptr, gw_ptr, lse_ptr, scale_ptr, dh_ptr, N, V, D, stride_h, stride_w,
+            S: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+            UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < N
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        cmask = cols < V
+        z = _logits_block(h_ptr, w_ptr, rows, rmask, cols, cmask, D, stride_h, stride_w,
+                          BM, BV, BD, UPCAST, IEEE)
+        dz = _dz_block(z, cols, cmask, rows, rmask, lse, scale, t_ptr, gw_ptr, S)
+        dz = dz.to(w_ptr.dtype.element_ty)
+        if UPCAST:
+            dz = dz.to(tl.float32)
+        for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
+            dm = ds < D
+            b = tl.load(w_ptr + cols[:, None] * stride_w + ds[None, :],
+                        mask=cmask[:, None] & dm[None, :], other=0.0)
+            if UPCAST:
+                b = b.to(tl.float32)
+            ptrs = dh_ptr + rows[:, None] * D + ds[None, :]
+            msk = rmask[:, None] & dm[None, :]
+            acc = tl.load(ptrs, mask=msk, other=0.0)
+            if IEEE:
+                acc = tl.dot(dz, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(dz, b, acc)
+            tl.store(ptrs, acc, mask=msk)
+
+
+@triton.jit
+def _bwd_dw(h_ptr, w_ptr, t_ptr, gw_ptr, lse_ptr, scale_ptr, dw_ptr, N, V, D, stride_h, stride_w,
+            S: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+            UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid * BV + tl.arange(0, BV)
+    cmask = cols < V
+    for r0 in range(0, N, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < N
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+        z = _logits_block(h_ptr, w_ptr, rows, rmask, cols, cmask, D, stride_h, stride_w,
+                          BM, BV, BD, UPCAST, IEEE)
+        dz = _dz_block(z, cols, cmask, rows, rmask, lse, scale, t_ptr, gw_ptr, S)
+        dz = dz.to(h_ptr.dtype.element_ty)
+        if UPCAST:
+            dz = dz.to(tl.float32)
+        dzt = tl.trans(dz)
+        for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
+            dm = ds < D
+            a = tl.load(h_ptr + rows[:, None] * stride_h + ds[None, :],
+                        mask=rmask[:, None] & dm[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            ptrs = dw_ptr + cols[:, None] * D + ds[None, :]
+            msk = cmask[:, None] & dm[None, :]
+            acc = tl.load(ptrs, mask=msk, other=0.0)
+            if IEEE:
+                acc = tl.dot(dzt, a, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(dzt, a, acc)
+            tl.store(ptrs, acc, mask=msk)
+
+
+def _blocks(d: int):
+    if INTERPRET:  # small blocks: the interpreter's cost is per element
+        return 16, 32, 16
+    return 64, 128, 64 if d >= 64 else 32
+
+
+def _meta(h: torch.Tensor):
+    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton kernel takes fp32/bf16/fp16 inputs, got {h.dtype}")
+    return dict(UPCAST=INTERPRET or h.dtype == torch.float32, IEEE=INTERPRET or h.dtype == torch.float32)
+
+
+def _local_targets(targets, weights, ignore_index, start, v_local):
+    valid = targets != ignore_index
+    w = torch.where(valid, weights.float(), torch.zeros((), device=weights.device))
+    own = valid & (targets >= start) & (targets < start + v_local)
+    local_t = torch.where(own, targets - start, torch.full_like(targets, -1)).to(torch.int32)
+    w_own = torch.where(own, w, torch.zeros((), device=w.device)).contiguous()
+    return w, local_t.contiguous(), w_own
+
+
+class TritonLinearMCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, ignore_index, group, rank, world_size):
+        from megatron_tst.tst.linear_loss import combine_stats
+
+        h = hidden.detach().contiguous()
+        wt = weight.detach().contiguous()
+        if wt.dtype != h.dtype:
+            raise ValueError(f"hidden {h.dtype} and weight {wt.dtype} must have one dtype")
+        n, d = h.shape
+        v_local = wt.shape[0]
+        s = targets.shape[1]
+        w, local_t, w_own = _local_targets(targets, weights, ignore_index, rank * v_local, v_local)
+        row_max = torch.empty(n, dtype=torch.float32, device=h.device)
+        sum_exp = torch.empty_like(row_max)
+        tgt = torch.empty_like(row_max)
+        bm, bv, bd = _blocks(d)
+        if n > 0:
+            _fwd[(triton.cdiv(n, bm),)](h, wt, local_t, w_own, row_max, sum_exp, tgt, n, v_local, d,
+                                        h.stride(0), wt.stride(0), S=s, BM=bm, BV=bv, BD=bd,
+                                        **_meta(h))
+        loss, lse = combine_stats(row_max, sum_exp, tgt, w.sum(1), group, world_size)
+        ctx.save_for_backward(h, wt, local_t, w, w_own, lse)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        h, wt, local_t, w, w_own, lse = ctx.saved_tensors
+        n, d = h.shape
+        v_local = wt.shape[0]
+        s = local_t.shape[1]
+        g = grad_loss.float().expand(n)
+        scale = (g * w.sum(1)).contiguous()
+        gw = (g.unsqueeze(1) * w_own).contiguous()
+        dh = torch.zeros(n, d, dtype=torch.float32, device=h.device)
+        dw = torch.zeros(v_local, d, dtype=torch.float32, device=h.device)
+        bm, bv, bd = _blocks(d)
+        meta = dict(S=s, BM=bm, BV=bv, BD=bd, **_meta(h))
+        if n > 0:
+            _bwd_dh[(triton.cdiv(n, bm),)](h, wt, local_t, gw, lse, scale, dh, n, v_local, d,
+                                           h.stride(0), wt.stride(0), **meta)
+            _bwd_dw[(triton.cdiv(v_local, bv),)](h, wt, local_t, gw, lse, scale, dw, n, v_local, d,
+                                                 h.stride(0), wt.stride(0), **meta)
+        return dh.to(h.dtype), dw.to(wt.dtype), None, None, None, None, None, None
