@@ -27,11 +27,15 @@ setup(
     ],
     extras_require={
         "demo": ["gensim==4.4.0"],  # ships the real English demo corpus (Wikipedia pages, news)
-        "hf": ["tokenizers>=0.15"],
+        # hf: Hugging Face tokenizer.json files; megatron-tst export / eval (docs/export.md)
+        "hf": ["tokenizers>=0.15", "transformers>=4.56", "safetensors", "protobuf"],
         "tensorboard": ["tensorboard"],
         "study": ["matplotlib", "scipy"],  # megatron-tst study: plot and significance test
+        # triton: the fused-linear loss kernels' tests run on CPU through Triton's interpreter
+        # (no torch dependency; ~270 MB wheel, Linux only).
         "dev": ["pytest>=7", "pytest-timeout", "gensim==4.4.0", "tokenizers>=0.15", "tensorboard",
-                "matplotlib", "scipy"],
+                "transformers>=4.56", "safetensors", "protobuf",
+                "matplotlib", "scipy", "triton>=3.0; platform_system == 'Linux'"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megatron-tst=megatron_tst.cli:main"]},

@@ -35,9 +35,9 @@ __all__ = ["LINEAR_IMPLEMENTATIONS", "linear_mce", "triton_available", "CHUNK_EL
 
 LINEAR_IMPLEMENTATIONS = ("chunked", "triton")
 
-# Elements (rows * V_local) of logits per chunk. ``None``: 2^21 (8 MiB fp32) on CPU, 2^26 on GPU.
+# Elements (rows * V_local) of logits per chunk. ``None``: 2^24 (64 MiB fp32) on CPU, 2^26 on GPU.
 CHUNK_ELEMENTS: int | None = None
-_CPU_CHUNK_ELEMENTS = 1 << 21
+_CPU_CHUNK_ELEMENTS = 1 << 24  # 64 MiB fp32: enough rows per chunk to amortise reading W
 _GPU_CHUNK_ELEMENTS = 1 << 26
 
 

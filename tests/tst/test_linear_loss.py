@@ -174,3 +174,18 @@ def test_tp2_matches_paper():
     from tests.tst import _linear_mce_tp_worker
 
     mp.spawn(_linear_mce_tp_worker.run, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_benchmark_linear_smoke(capsys):
+    """benchmarks/mce_loss.py --linear runs end to end on a tiny problem (CPU: no Triton column)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mce_loss.py"
+    spec = importlib.util.spec_from_file_location("mce_loss_bench_linear", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--linear", "--n", "64", "--vocab", "512", "--bag", "1", "4", "--hidden", "16",
+                "--runs", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "ref/chunk" in out and "\n    512   4 |" in out
