@@ -1,4 +1,4 @@
-"""``megatron-tst``: train | demo | preprocess | study | inspect.
+"""``megatron-tst``: train | demo | preprocess | study | inspect | export | eval.
 
 Single process: ``megatron-tst train configs/x.yaml key=value ...``. Several processes:
 ``torchrun --nproc-per-node N -m megatron_tst.cli train configs/x.yaml ...``.
@@ -86,6 +86,18 @@ def _cmd_inspect(args) -> int:
     return run_inspect(args)
 
 
+def _cmd_export(args) -> int:
+    from megatron_tst.export.hf import run_export
+
+    return run_export(args)
+
+
+def _cmd_eval(args) -> int:
+    from megatron_tst.evaluate import run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-tst", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_inspect_arguments(p)
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export", help="a checkpoint (any layout) as a Hugging Face model "
+                                      "directory: config, safetensors, tokenizer")
+    from megatron_tst.export.arguments import add_export_arguments
+
+    add_export_arguments(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="next-token loss, perplexity and bits per byte of a "
+                                    "checkpoint on held-out data (any layout)")
+    from megatron_tst.export.arguments import add_eval_arguments
+
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
