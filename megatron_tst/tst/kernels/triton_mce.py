@@ -4,7 +4,7 @@ Three kernels, each streaming vocabulary blocks of the LM-head weight ``W`` (V_l
 row blocks of the hidden states ``h`` (N, D); a block of logits ``h W^T`` (BM x BV, fp32
 accumulation) lives only in registers/SRAM:
 
-* ``_fwd``   grid over row blocks: online logsumexp over the vocabulary blocks (running max and
+* ``_fwd``   grid over row blocks (x vocabulary splits when there are few rows): online logsumexp over the vocabulary blocks (running max and
   rescaled sum-exp per row) and the weighted sum of the target logits owned by this shard
   (each of the ``s`` slots compares its local id against the block's columns, so duplicates
   accumulate). Writes three floats per row.
@@ -56,31 +56,33 @@ def _logits_block(h_ptr, w_ptr, rows, rmask, cols, cmask, D, stride_h, stride_w,
 
 @triton.jit
 def _fwd(h_ptr, w_ptr, t_ptr, wt_ptr, max_ptr, se_ptr, tgt_ptr, N, V, D, stride_h, stride_w,
-         S: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+         V_SPLIT, S: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
          UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
+    split = tl.program_id(1)  # vocabulary split: [split*V_SPLIT, (split+1)*V_SPLIT)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < N
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     se = tl.zeros([BM], dtype=tl.float32)
     tgt = tl.zeros([BM], dtype=tl.float32)
-    for v0 in range(0, V, BV):
+    v_end = tl.minimum(V, (split + 1) * V_SPLIT)
+    for v0 in range(split * V_SPLIT, v_end, BV):
         cols = v0 + tl.arange(0, BV)
         cmask = cols < V
         z = _logits_block(h_ptr, w_ptr, rows, rmask, cols, cmask, D, stride_h, stride_w,
                           BM, BV, BD, UPCAST, IEEE)
-        z = tl.where(cmask[None, :], z, float("-inf"))
+        z = tl.where((cols < v_end)[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         se = se * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
         for k in tl.static_range(S):
             t = tl.load(t_ptr + rows * S + k, mask=rmask, other=-1)
             wk = tl.load(wt_ptr + rows * S + k, mask=rmask, other=0.0)
-            hit = cols[None, :] == t[:, None]
+            hit = (cols[None, :] == t[:, None]) & (cols < v_end)[None, :]
             tgt += wk * tl.sum(tl.where(hit, z, 0.0), axis=1)
-    tl.store(max_ptr + rows, m, mask=rmask)
-    tl.store(se_ptr + rows, se, mask=rmask)
-    tl.store(tgt_ptr + rows, tgt, mask=rmask)
+    tl.store(max_ptr + split * N + rows, m, mask=rmask)
+    tl.store(se_ptr + split * N + rows, se, mask=rmask)
+    tl.store(tgt_ptr + split * N + rows, tgt, mask=rmask)
 
 
 @triton.jit
@@ -171,6 +173,19 @@ def _blocks(d: int):
     return 64, 128, 64 if d >= 64 else 32
 
 
+def _vocab_splits(n: int, v_local: int, bm: int, bv: int, device: torch.device):
+    """Split the vocabulary over a second grid axis when there are too few row blocks to fill
+    the GPU (each split writes its own partial statistics, combined afterwards)."""
+    blocks = triton.cdiv(max(v_local, 1), bv)
+    if INTERPRET:  # exercise the combination in the CPU tests
+        splits = min(2, blocks)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(blocks, (4 * sms) // max(1, triton.cdiv(n, bm))))
+    v_split = triton.cdiv(blocks, splits) * bv
+    return triton.cdiv(max(v_local, 1), v_split), v_split
+
+
 def _meta(h: torch.Tensor):
     if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton kernel takes fp32/bf16/fp16 inputs, got {h.dtype}")
@@ -199,14 +214,17 @@ class TritonLinearMCE(torch.autograd.Function):
         v_local = wt.shape[0]
         s = targets.shape[1]
         w, local_t, w_own = _local_targets(targets, weights, ignore_index, rank * v_local, v_local)
-        row_max = torch.empty(n, dtype=torch.float32, device=h.device)
-        sum_exp = torch.empty_like(row_max)
-        tgt = torch.empty_like(row_max)
         bm, bv, bd = _blocks(d)
+        splits, v_split = _vocab_splits(n, v_local, bm, bv, h.device)
+        part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)
         if n > 0:
-            _fwd[(triton.cdiv(n, bm),)](h, wt, local_t, w_own, row_max, sum_exp, tgt, n, v_local, d,
-                                        h.stride(0), wt.stride(0), S=s, BM=bm, BV=bv, BD=bd,
-                                        **_meta(h))
+            _fwd[(triton.cdiv(n, bm), splits)](h, wt, local_t, w_own, part[0], part[1], part[2],
+                                               n, v_local, d, h.stride(0), wt.stride(0), v_split,
+                                               S=s, BM=bm, BV=bv, BD=bd, **_meta(h))
+        # combine the vocabulary splits: the max, the sum-exp rescaled to it, the target sums
+        row_max = part[0].amax(0)
+        sum_exp = (part[1] * torch.exp(part[0] - row_max)).sum(0)
+        tgt = part[2].sum(0)
         loss, lse = combine_stats(row_max, sum_exp, tgt, w.sum(1), group, world_size)
         ctx.save_for_backward(h, wt, local_t, w, w_own, lse)
         return loss
