@@ -315,7 +315,11 @@ def _prepare_outdir(outdir: Path, force: bool, checkpoint: Path) -> Path:
 
 
 def _save_weights(tensors: dict, outdir: Path) -> None:
-    from safetensors.torch import save_file
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ExportError("writing the weights needs the safetensors package: "
+                          "pip install -e '.[hf]'") from None
 
     shards, current, size = [], {}, 0
     for key, t in tensors.items():
@@ -342,9 +346,10 @@ def _save_weights(tensors: dict, outdir: Path) -> None:
 
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """megatron-core's forward: logits [B, S, padded vocab] (TP=1, so the full vocabulary)."""
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    tokens = tokens.to(next(model.parameters()).device)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
-        return model(tokens, positions, attention_mask=None).float()
+        return model(tokens, positions, attention_mask=None).float().cpu()
 
 
 def compare_with_transformers(outdir: Path, model, vocab: int, tokens: torch.Tensor) -> float:
