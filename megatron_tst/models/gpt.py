@@ -52,7 +52,9 @@ def resolve_transformer_impl(cfg: RunConfig) -> str:
 
 
 def resolve_loss_impl(cfg: RunConfig) -> str:
-    """``loss.implementation`` with ``auto`` resolved: triton on CUDA with Triton, else fused."""
+    """``loss.implementation`` resolved for this machine: ``auto`` is triton on CUDA with Triton
+    importable, else fused; ``triton`` without them runs the same function as ``chunked`` (so that
+    a GPU run's checkpoint still evaluates and exports on a CPU machine), with a warning."""
     impl = cfg.loss.implementation
     if impl in ("auto", "triton"):
         try:
@@ -63,9 +65,9 @@ def resolve_loss_impl(cfg: RunConfig) -> str:
         if impl == "auto":
             return "triton" if ok else "fused"
         if not ok:
-            raise ConfigError("the Triton loss needs a CUDA device and Triton installed; use "
-                              "loss.implementation=chunked (or fused) on this machine",
-                              key="loss.implementation", value=impl)
+            log.warning("loss.implementation=triton needs a CUDA device and Triton; using the "
+                        "chunked PyTorch implementation of the same loss")
+            return "chunked"
     return impl
 
 

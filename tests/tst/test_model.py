@@ -80,3 +80,13 @@ def test_linear_loss_builds_the_tst_model_for_baselines(megatron_env):
     model = build_model(cfg("tst.bag_size=1", "loss.implementation=chunked"), V)
     assert isinstance(model, TSTGPTModel) and model.loss_impl == "chunked"
     assert build_model(cfg("tst.bag_size=1"), V).__class__.__name__ == "GPTModel"  # auto on CPU
+
+
+def test_loss_implementation_resolution(megatron_env):
+    from megatron_tst.models.gpt import resolve_loss_impl
+
+    assert resolve_loss_impl(cfg()) == ("triton" if torch.cuda.is_available() else "fused")
+    for impl in ("reference", "fused", "chunked"):
+        assert resolve_loss_impl(cfg(f"loss.implementation={impl}")) == impl
+    if not torch.cuda.is_available():  # no CUDA: the same loss through the PyTorch path
+        assert resolve_loss_impl(cfg("loss.implementation=triton")) == "chunked"
