@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 
 from megatron_tst.config import ConfigError, RunConfig
-from megatron_tst.models.gpt import padded_vocab_size
 from megatron_tst.models.sizing import GiB, flops_per_step, memory_estimate, parameter_counts
 from megatron_tst.tst.schedule import PhaseSchedule
 
 
 def recipe_report(cfg: RunConfig, gpus: int) -> dict:
     """Figures for ``cfg`` on ``gpus`` GPUs (ConfigError if the layout does not fit)."""
+    from megatron_tst.models.gpt import padded_vocab_size  # imports torch: only when needed
+
     cfg.validate_layout(gpus)
     m, p, t = cfg.model, cfg.parallel, cfg.training
     if m.vocab_size is None:

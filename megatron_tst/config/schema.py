@@ -243,6 +243,27 @@ class RunConfig:
                     "schedule.warmup_steps", "data.num_workers"):
             if _get(self, key) < 0:
                 fail(key, "must be >= 0")
+        for key in ("model.ffn_hidden_size", "model.kv_channels", "model.moe_ffn_hidden_size"):
+            if _get(self, key) is not None and _get(self, key) < 1:
+                fail(key, "must be a positive integer (or null for the default)")
+        for key in ("model.rotary_base", "model.norm_epsilon", "model.init_method_std",
+                    "optimizer.adam_eps"):
+            if _get(self, key) <= 0:
+                fail(key, "must be positive")
+        for key in ("model.hidden_dropout", "model.attention_dropout", "optimizer.adam_beta1",
+                    "optimizer.adam_beta2"):
+            if not 0 <= _get(self, key) < 1:
+                fail(key, "must be in [0, 1)")
+        for key in ("optimizer.weight_decay", "optimizer.clip_grad", "model.moe_aux_loss_coeff"):
+            if _get(self, key) < 0:
+                fail(key, "must be >= 0")
+        if t.train_steps > 10**9:
+            fail("training.train_steps", "is absurd (more than 10^9 optimizer steps)")
+        if self.data.source == "demo" and self.data.demo_vocab_size < 300:
+            fail("data.demo_vocab_size", "must be >= 300 (the tokenizer needs its byte and "
+                                         "special pieces)")
+        if m.num_moe_experts is not None and m.num_moe_experts < 1:
+            fail("model.num_moe_experts", "must be a positive integer (or null for a dense model)")
         if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
             fail("model.num_attention_heads",
                  f"must divide model.hidden_size={m.hidden_size} (or set model.kv_channels)")

@@ -8,7 +8,6 @@ training. Optimizer state and the single WSD schedule carry over the switch.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
-from megatron_tst.data.build import build_run_data
+from megatron_tst.data.build import build_run_data, run_sample_counts
 from megatron_tst.data.datasets import BatchLayout, ChunkView, iterate_microbatches
 from megatron_tst.models.gpt import build_model_chunks, count_parameters, padded_vocab_size
 from megatron_tst.models.sizing import flops_per_step
@@ -74,10 +73,9 @@ class Trainer:
         # Data: chunks of c*L tokens (c = s in a TST run), read whole by superposition steps and
         # as c consecutive L-token samples by recovery steps and validation.
         c = self.schedule.chunk_tokens_factor
-        total_units = self.schedule.data_tokens(t.train_steps, t.global_batch_size, L) // L
-        self.data = build_run_data(cfg, sequence_length=c * L,
-                                   num_train_samples=math.ceil(total_units / c),
-                                   num_valid_samples=t.eval_steps * t.global_batch_size)
+        sample_length, train_samples, valid_samples = run_sample_counts(cfg)
+        self.data = build_run_data(cfg, sequence_length=sample_length,
+                                   num_train_samples=train_samples, num_valid_samples=valid_samples)
         vocab = cfg.model.vocab_size or self.data.tokenizer.vocab_size
         if vocab < self.data.tokenizer.vocab_size:
             raise ConfigError(
