@@ -3,8 +3,9 @@
 Both implementations against an independent float64 reference written from the paper's
 definition (logits materialised, a loop over positions and slots): loss and the gradients for the
 hidden states and the LM-head weight, with duplicates, ignored slots, power-law slot weights,
-s in {1, 4}. The Triton kernels run on CPU through Triton's interpreter (``TRITON_INTERPRET=1``,
-set before the kernels are imported, since ``triton.jit`` picks the interpreter when it decorates).
+s in {1, 4}. The Triton kernels run on CPU through Triton's interpreter (``TRITON_INTERPRET=1``),
+in a fresh process (``_triton_interp_checks``): the variable must be set before Triton is first
+imported, and something else in the pytest process may have imported it already.
 """
 
 from __future__ import annotations
@@ -21,32 +22,14 @@ from megatron_tst.tst.loss import element_weights, slot_weights
 
 I = -100
 
-try:  # the kernels must be decorated with the interpreter on: import them with the variable set
-    _prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    import importlib
+try:
+    import importlib.util
 
-    import triton  # noqa: F401
-
-    from megatron_tst.tst.kernels import triton_mce
-
-    if not triton_mce.INTERPRET and not torch.cuda.is_available():
-        triton_mce = importlib.reload(triton_mce)
-    HAVE_TRITON = True
-except ImportError:
+    HAVE_TRITON = importlib.util.find_spec("triton") is not None
+except (ImportError, ValueError):
     HAVE_TRITON = False
-finally:
-    if _prev is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
 
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _bags(n: int, s: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -140,24 +123,36 @@ def test_interface_errors():
         linear_mce(h, w, t, torch.ones(4, 3))
 
 
+@pytest.fixture(scope="module")
+def interpreted():
+    """The Triton checks of ``_triton_interp_checks``, run once in a fresh process with
+    ``TRITON_INTERPRET=1`` set before Triton is imported (see that module)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.tst._triton_interp_checks"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @needs_triton
 @pytest.mark.parametrize("s", [1, 4])
 @pytest.mark.parametrize("kind", ["uniform", "power_law"])
-def test_triton_interpreter_matches_paper(s, kind, interpret):
-    # N and V not multiples of the blocks (16 x 32): masked edges; D=24 spans two D blocks
-    h, w, t, c, ref, dh, dw = _problem(37, 70, 24, s, kind, seed=10 + s)
-    _check(_run("triton", h, w, t, c, torch.float32), (ref, dh, dw), 2e-5)
+def test_triton_interpreter_matches_paper(s, kind, interpreted):
+    """fp32 inputs, N=37, V=70, D=24 (ragged blocks), against the float64 reference: 2e-5."""
+    assert interpreted[f"fp32-{kind}-{s}"] == "ok"
 
 
 @needs_triton
-def test_triton_interpreter_bf16(interpret):
-    """bf16 inputs, fp32 accumulation: the error is the bf16 rounding of inputs and of dz."""
-    h, w, t, c, ref, dh, dw = _problem(20, 48, 16, 4, "power_law", seed=5)
-    _check(_run("triton", h, w, t, c, torch.bfloat16), (ref, dh, dw), 3e-2)
-    # and the same bf16 inputs through the chunked path agree closely with the kernel
-    a = _run("triton", h, w, t, c, torch.bfloat16)
-    b = _run("chunked", h, w, t, c, torch.bfloat16)
-    _check(a, b, 3e-2)
+def test_triton_interpreter_bf16(interpreted):
+    """bf16 inputs, fp32 accumulation: the reference to 3e-2, and the chunked path on the same
+    bf16 inputs to 3e-2."""
+    assert interpreted["bf16"] == "ok"
 
 
 def _free_port() -> int:
