@@ -122,6 +122,7 @@ def test_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.slow
 def test_launcher_two_nodes_rendezvous(tiny_recipe, tmp_path):
     """Two launch.sh instances as two Slurm nodes (node ranks 0 and 1, one worker each) on this
     machine: the static rendezvous from the Slurm variables forms one 2-rank job."""

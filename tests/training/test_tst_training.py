@@ -36,7 +36,10 @@ def test_switch_inside_one_run_and_accounting(tiny_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("nproc, layout", [
-    (1, []), (2, ["parallel.use_distributed_optimizer=true"])], ids=["1-process", "dp2-distopt"])
+    pytest.param(1, [], id="1-process"),
+    # slow: 5 two-process runs (test_signals.py resumes a 2-process run bitwise by default)
+    pytest.param(2, ["parallel.use_distributed_optimizer=true"], id="dp2-distopt",
+                 marks=pytest.mark.slow)])
 def test_resume_before_at_and_after_the_switch_is_bitwise(tiny_recipe, tmp_path, nproc, layout):
     full, chain = tmp_path / "full", tmp_path / "chain"
     run_cli(["train", str(tiny_recipe), f"run_dir={full}", *TST, *layout], nproc=nproc)
