@@ -3,7 +3,8 @@
 - A sentencepiece ``.model`` becomes a ``tokenizers`` tokenizer built from the model's own
   settings (BPE merges ranked by piece score, or the unigram scores; byte fallback; the
   normalizer spec: charsmap, extra-whitespace removal, dummy prefix, whitespace escaping), so
-  that ``AutoTokenizer`` encodes text exactly as sentencepiece did when the data was made. The
+  that ``AutoTokenizer`` encodes text exactly as sentencepiece did when the data was made (a
+  unigram model may break ties between segmentations of equal score the other way). The
   ``.model`` is copied beside it as ``tokenizer.model``.
 - A Hugging Face ``tokenizer.json`` is copied.
 
