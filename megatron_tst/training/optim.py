@@ -94,6 +94,8 @@ def apply_optimizer_hyperparameters(cfg: RunConfig, optimizer) -> None:
         for group in inner.param_groups:
             group["betas"] = (o.adam_beta1, o.adam_beta2)
             group["eps"] = o.adam_eps
+            if "max_lr" in group:  # megatron's per-group LR bounds, which its scheduler prefers
+                group["max_lr"], group["min_lr"] = o.lr, cfg.schedule.final_lr
 
 
 def build_scheduler(cfg: RunConfig, optimizer):
