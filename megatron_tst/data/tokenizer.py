@@ -1,8 +1,10 @@
 """Tokenizers for pre-training data: sentencepiece models and Hugging Face ``tokenizer.json`` files.
 
-Both classes subclass megatron-core's ``MegatronLegacyTokenizer`` so that they can be handed directly
-to megatron-core's dataset stack (``GPTDatasetConfig(tokenizer=...)``), which reads ``eod``, ``pad``,
-``vocab_size`` and ``unique_identifiers``.
+Both classes subclass megatron-core's ``MegatronTokenizerBase`` (``megatron.core.tokenizers``, the
+same class in every supported megatron-core line; the legacy ``MegatronLegacyTokenizer`` is gone from
+0.19) so that they can be handed directly to megatron-core's dataset stack
+(``GPTDatasetConfig(tokenizer=...)``), which reads ``eod``, ``pad``, ``vocab_size`` and
+``unique_identifiers``.
 
 Conventions shared by both classes:
 
@@ -18,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_tst.data.tokenizer_files import (HF_EOD_CANDIDATES, TOKENIZER_KINDS,
                                                canonical_kind, hf_first_id, hf_special_tokens,
@@ -52,18 +53,6 @@ class TokenizerSpec(NamedTuple):
         return load_tokenizer(self.kind, self.path, **self.options)
 
 
-@contextmanager
-def _quiet_legacy_warning() -> Iterator[None]:
-    """megatron-core logs a deprecation warning for every legacy tokenizer built; silence it."""
-    logger = logging.getLogger("megatron.core.datasets.megatron_tokenizer")
-    previous = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -75,9 +64,25 @@ def _file_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 # sentencepiece
 # --------------------------------------------------------------------------------------------------
-class _SpecialIds(MegatronLegacyTokenizer):
+class _SpecialIds(MegatronTokenizerBase):
     """The id properties megatron reads, shared by both tokenizers (set ``_vocab_size``,
-    ``_eod``, ``_pad``, ``_bos`` and provide ``vocab``)."""
+    ``_eod``, ``_pad``, ``_bos`` and provide ``vocab``).
+
+    ``unique_identifiers`` (class, file, its sha256, options) is what megatron's datasets hash into
+    their cache descriptions: the same file gives the same identifiers wherever it is opened."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(str(path), config={})
+        self.path = path
+        self.unique_identifiers: OrderedDict[str, Any] = OrderedDict(
+            [("class", type(self).__name__), ("tokenizer_path", [str(path)])]
+        )
+        self.unique_identifiers.update((k, str(v)) for k, v in options.items())
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} is a pre-training tokenizer and has no chat template"
+        )
 
     @property
     def inv_vocab(self) -> dict[int, str]:
@@ -111,15 +116,13 @@ class SentencePieceTokenizer(_SpecialIds):
 
     def __init__(self, model_path: str | Path) -> None:
         opened = open_sentencepiece(model_path)  # FileNotFoundError / ValueError with the fix
-        self.path = opened.path
+        super().__init__(opened.path, sha256=_file_sha256(opened.path))
         self._processor = opened.backend
         self._vocab_size = opened.vocab_size
         self._eod, self._pad, self._bos, self._unk = opened.eod, opened.pad, opened.bos, opened.unk
         self._vocab: dict[str, int] | None = None
-        with _quiet_legacy_warning():
-            super().__init__(str(self.path), sha256=_file_sha256(self.path))
 
-    # -- MegatronLegacyTokenizer interface ---------------------------------------------------------
+    # -- MegatronTokenizerBase interface -----------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         return self._processor.EncodeAsIds(text)
 
@@ -269,17 +272,15 @@ class HFTokenizer(_SpecialIds):
 
     def __init__(self, path: str | Path, *, eod_token: str | None = None) -> None:
         opened = open_huggingface(path, eod_token=eod_token)  # errors name the path and the fix
-        self.path = opened.path
+        options: dict[str, Any] = {"sha256": _file_sha256(opened.path)}
+        if eod_token is not None:
+            options["eod_token"] = eod_token
+        super().__init__(opened.path, **options)
         self._tokenizer = opened.backend
         self._vocab_size = opened.vocab_size
         self.eod_token = opened.eod_token
         self._eod, self._pad, self._bos = opened.eod, opened.pad, opened.bos
         self._vocab: dict[str, int] | None = None
-        options: dict[str, Any] = {"sha256": _file_sha256(self.path)}
-        if eod_token is not None:
-            options["eod_token"] = eod_token
-        with _quiet_legacy_warning():
-            super().__init__(str(self.path), **options)
 
     def _first_id(self, names: Sequence[str]) -> int | None:
         return hf_first_id(self._tokenizer, names)
@@ -287,7 +288,7 @@ class HFTokenizer(_SpecialIds):
     def _special_tokens(self) -> list[str]:
         return hf_special_tokens(self._tokenizer)
 
-    # -- MegatronLegacyTokenizer interface ---------------------------------------------------------
+    # -- MegatronTokenizerBase interface -----------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 

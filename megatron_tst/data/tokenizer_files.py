@@ -1,7 +1,7 @@
 """Opening tokenizer files without megatron-core: the checks shared by the tokenizer classes.
 
 ``megatron_tst.data.tokenizer`` wraps what :func:`open_tokenizer` returns in classes derived from
-megatron-core's ``MegatronLegacyTokenizer``; importing megatron-core takes seconds, so the start-up
+megatron-core's ``MegatronTokenizerBase``; importing megatron-core takes seconds, so the start-up
 checks of a run (``megatron_tst.data.build.check_run_data``) use this module directly. Both raise
 the same errors: ``FileNotFoundError`` naming the path, ``ValueError`` for a file of the wrong
 kind, a model without an end-of-document token or an unknown kind, ``ImportError`` when the

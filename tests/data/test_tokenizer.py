@@ -3,7 +3,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_tst.data.tokenizer import (
     HFTokenizer,
@@ -20,7 +20,7 @@ TRICKY = "  Two  spaces,\ttab and\nnewline; unicode: café Zürich 😀 — 1234
 # --- sentencepiece -------------------------------------------------------------------------------
 def test_sentencepiece_round_trip_and_special_ids(sp_tokenizer, texts):
     tok = sp_tokenizer
-    assert isinstance(tok, MegatronLegacyTokenizer)
+    assert isinstance(tok, MegatronTokenizerBase)
     assert tok.vocab_size == 400
     assert (tok.eod, tok.pad, tok.bos) == (2, 3, 1)
     assert tok.eos == tok.eod
@@ -62,7 +62,7 @@ def test_train_sentencepiece_errors(tmp_path, texts):
 # --- Hugging Face --------------------------------------------------------------------------------
 def test_hf_round_trip_and_special_ids(hf_tokenizer, hf_json, texts):
     tok = hf_tokenizer
-    assert isinstance(tok, MegatronLegacyTokenizer)
+    assert isinstance(tok, MegatronTokenizerBase)
     assert tok.eod == 0 and tok.eod_token == "<|endoftext|>"
     assert tok.pad == 1
     assert tok.bos == -1
