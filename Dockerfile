@@ -15,11 +15,14 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1
 
 # Dependencies first for layer caching. The image's torch and transformer-engine are kept: pip
-# sees them as satisfying the requirements and installs nothing over them.
+# sees them as satisfying the requirements and installs nothing over them. setup.py pins
+# megatron-core to the release CI tests with this Python (0.19.2 on the image's Python 3.12), and
+# `python -m megatron_tst.mcore` fails the build unless the image holds a tested pair.
 COPY setup.py README.md ./
-COPY megatron_tst/__init__.py megatron_tst/__init__.py
+COPY megatron_tst/__init__.py megatron_tst/mcore.py megatron_tst/
 RUN pip install -e ".[demo,hf,tensorboard]" \
-    && python -c "import megatron.core, transformer_engine, apex; print('megatron-core', megatron.core.__version__)"
+    && python -m megatron_tst.mcore \
+    && python -c "import megatron.core, transformer_engine, apex"
 
 COPY . .
 RUN pip install --no-deps -e . && megatron-tst --help > /dev/null

@@ -8,7 +8,8 @@ setup(
     description="Megatron-Core pre-training with Token-Superposition Training (TST)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # The tested (Python, megatron-core) pairs: megatron_tst/mcore.py TESTED, CI's two legs.
+    python_requires=">=3.11,<3.13",
     packages=find_packages(include=["megatron_tst", "megatron_tst.*"]),
     include_package_data=True,
     package_data={"megatron_tst": ["py.typed"]},
@@ -16,8 +17,12 @@ setup(
         # torch is installed first, explicitly (`pip install torch==2.13.0` on CPU machines, the
         # NGC image's build on GPU clusters), so this range never pulls a second torch build.
         "torch>=2.4",
-        # 0.16.1 is what Python 3.11 resolves; the 0.19 line is what Python 3.12 GPU images get.
-        "megatron-core>=0.16.1,<0.20",
+        # Exactly the releases CI tests, one per Python (megatron_tst/mcore.py TESTED; a test
+        # compares them): 0.16.1 is the newest release for Python 3.11; 0.19.2 is what the
+        # GPU image (NGC PyTorch, Python 3.12) installs.
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core==0.19.2; python_version >= '3.12'",
+        "packaging",
         "psutil",  # dist_checkpointing's async writer needs it (undeclared by megatron-core)
         "sentencepiece>=0.2",
         "numpy",
@@ -33,7 +38,8 @@ setup(
         "study": ["matplotlib", "scipy"],  # megatron-tst study: plot and significance test
         # triton: the fused-linear loss kernels' tests run on CPU through Triton's interpreter
         # (no torch dependency; ~270 MB wheel, Linux only).
-        "dev": ["pytest>=7", "pytest-timeout", "gensim==4.4.0", "tokenizers>=0.15", "tensorboard",
+        "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "gensim==4.4.0", "tokenizers>=0.15",
+                "tensorboard",
                 "transformers>=4.56", "safetensors", "protobuf",
                 "matplotlib", "scipy", "triton>=3.0; platform_system == 'Linux'"],
         "gpu": ["transformer-engine[pytorch]"],

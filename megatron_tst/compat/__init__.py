@@ -1,10 +1,11 @@
 """CPU compatibility layer: run the real megatron-core on CPU with the gloo backend.
 
 ``apply_cpu_compat()`` is a no-op returning ``[]`` whenever ``torch.cuda.is_available()``: GPU runs
-never change anything. On a CPU-only machine it applies every patch in ``PATCHES`` once and returns
-their names; it may be called before or after ``import megatron.core``. Each patch's function
-docstring names the megatron code it covers and why; ``docs/compat.md`` has the table and the
-limitations (notably: the project's own ``cuda`` requests are moved to the CPU too).
+never change anything. On a CPU-only machine it applies every patch in ``PATCHES`` that the
+installed megatron-core needs (``Patch.versions``) once and returns their names; it may be called
+before or after ``import megatron.core``. Each patch's function docstring names the megatron code
+it covers and why; ``docs/compat.md`` has the table and the limitations (notably: the project's own
+``cuda`` requests are moved to the CPU too).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+
+from megatron_tst import mcore
 
 from . import cuda_stubs, device, megatron_patches
 
@@ -25,9 +28,14 @@ class Patch:
     covers: str  # the megatron-core code it makes work on the CPU
     why: str  # one line
     fn: Callable[[], None]  # its docstring has the details
+    versions: str = ""  # the megatron-core versions that need it (PEP 440 specifier; "": all)
 
     def apply(self) -> None:
         self.fn()
+
+    def needed(self) -> bool:
+        """Whether the installed megatron-core needs this patch (``megatron_tst.mcore``)."""
+        return mcore.matches(self.versions)
 
 
 PATCHES: dict[str, Patch] = {p.name: p for p in (
@@ -64,7 +72,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     Patch("moe_te_general_gemm",
           "transformer.moe.moe_utils.router_gating_linear (TopKRouter forward)",
           "NameError: te_general_gemm without transformer-engine; None picks the torch path",
-          megatron_patches.patch_moe_te_general_gemm),
+          megatron_patches.patch_moe_te_general_gemm, versions="<0.19"),
     Patch("moe_split_sizes",
           "transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher (maybe_move_tensor_to_cpu)",
           "split sizes become numpy only for CUDA tensors; all_to_all_single needs numbers",
@@ -80,7 +88,7 @@ def cpu_compat_active() -> bool:
 
 
 def apply_cpu_compat(exclude: Iterable[str] = ()) -> list[str]:
-    """Apply every patch not in ``exclude`` (once per process) when CUDA is absent.
+    """Apply every needed patch not in ``exclude`` (once per process) when CUDA is absent.
 
     Returns the names of all patches now active in this process, in ``PATCHES`` order, or ``[]``
     when ``torch.cuda.is_available()`` (then nothing is touched). Patches cannot be undone.
@@ -91,7 +99,7 @@ def apply_cpu_compat(exclude: Iterable[str] = ()) -> list[str]:
     if exclude - PATCHES.keys():
         raise KeyError(f"unknown compat patches {sorted(exclude - PATCHES.keys())}")
     for name, patch in PATCHES.items():
-        if name not in exclude and name not in _applied:
+        if name not in exclude and name not in _applied and patch.needed():
             patch.apply()
             _applied.append(name)
     return [name for name in PATCHES if name in _applied]

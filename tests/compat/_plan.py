@@ -15,25 +15,31 @@ TWO_RANK_PROBES = [
     "moe_allgather_train_step",  # EP=2, allgather dispatcher
 ]
 
+# What torch raises for a CUDA call without a GPU: the CPU build (Python 3.11 here) says it was not
+# compiled with CUDA, the CUDA build (Python 3.12) that it found no driver.
+NO_CUDA = r"not compiled with CUDA|Found no NVIDIA driver"
+
 # patch -> (ranks, probes that must fail without it, error pattern, pattern of a "file:function"
 # frame in the traceback)
 # The same probes pass with every patch applied (ALL_PROBES / TWO_RANK_PROBES above).
 NEEDED = {
     "cuda_device_to_cpu": (
-        1, ["train_step"], r"accelerator|CUDA", "distributed/param_and_grad_buffer.py:__init__"),
+        1, ["train_step"], rf"accelerator|CUDA|{NO_CUDA}",
+        "distributed/param_and_grad_buffer.py:__init__"),
     "cuda_device_in_backward": (
-        2, ["tp2_sp_train_step", "moe_train_step"], r"accelerator|CUDA",
+        2, ["tp2_sp_train_step", "moe_train_step"], rf"accelerator|CUDA|{NO_CUDA}",
         r"megatron/core/tensor_parallel/\w+\.py:backward$"),
     "cuda_tensor_type_names": (
         1, ["train_step"], r"must be one of torch\.cuda\.FloatTensor",
         r"distrib_optimizer\.py:_build_model_and_main_param_groups"),
     "cuda_streams_events": (
-        1, ["moe_train_step", "dist_checkpoint"], r"CUDA",
-        r"token_dispatcher\.py:__init__|filesystem_async\.py:preload_tensors"),
+        1, ["moe_train_step", "dist_checkpoint"], rf"CUDA|{NO_CUDA}",
+        r"token_dispatcher\.py:__init__|filesystem_async\.py:preload_tensors"
+        r"|param_and_grad_buffer\.py:start_grad_sync"),  # 0.19: DDP grad sync
     "cuda_current_device": (
-        1, ["train_step"], r"not compiled with CUDA", "torch/cuda/__init__.py:current_device"),
+        1, ["train_step"], NO_CUDA, "torch/cuda/__init__.py:current_device"),
     "cuda_rng": (
-        1, ["rng_tracker"], r"not compiled with CUDA",
+        1, ["rng_tracker"], NO_CUDA,
         "tensor_parallel/random.py:model_parallel_cuda_manual_seed"),
     "moe_te_general_gemm": (
         1, ["moe_train_step"], r"NameError: name 'te_general_gemm' is not defined", "moe_utils.py"),
