@@ -21,15 +21,44 @@ WORDS = ("the cat sat on a mat while the dog ran far away and then it slept unde
 
 def pytest_configure(config):
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)) > 1:
+        # One core per pytest worker (pytest.ini runs two): in-process megatron work must not
+        # compete with the other worker's runs (the subprocess runs already use one thread).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(config, items):
+    """``newest_line`` tests test the project's own logic (signals, faults, crash points, resume
+    guards, retention, the study tool) through the single-process trainer, which every other test
+    runs on both lines: they are in the default suite on the newest tested megatron-core (the GPU
+    image's line) and slow tests on the older one, keeping each CI leg's default suite short."""
+    from packaging.version import Version
+
+    from megatron_tst import mcore
+
+    if mcore.installed() >= max(Version(v) for v in mcore.TESTED.values()):
+        return
+    for item in items:
+        if item.get_closest_marker("newest_line"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> dict:
     """train/valid indexed datasets of random word documents, EOD after each, and a tokenizer."""
+    return make_synthetic_data(tmp_path_factory.mktemp("synthetic"))
+
+
+def make_synthetic_data(root: Path) -> dict:
+    """The ``synthetic_data`` files, written under ``root``."""
     import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    root = tmp_path_factory.mktemp("synthetic")
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(10, 120)))) for _ in range(300)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=str(root / "tok"),

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from megatron_tst import mcore
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import CLI, build_config
 from megatron_tst.export.errors import CheckpointError
@@ -71,7 +72,8 @@ def resolve_checkpoint(target: str | Path) -> Path:
     root. Raises ``CheckpointError`` for anything that is not a complete megatron-tst checkpoint
     of a format this version reads."""
     from megatron_tst.training.checkpoint import (FORMAT_VERSION, LATEST, RECORD,
-                                                  latest_checkpoint, step_dirs)
+                                                  latest_checkpoint, saved_megatron_core,
+                                                  step_dirs)
 
     path = Path(target)
     given = "give a checkpoint step_* directory or a checkpoint root (e.g. runs/NAME/checkpoints)"
@@ -109,6 +111,8 @@ def resolve_checkpoint(target: str | Path) -> Path:
             f"{path} has checkpoint format {version!r} ({record}); this megatron-tst reads format "
             f"{FORMAT_VERSION}{' and older' if FORMAT_VERSION > 1 else ''}. Use the megatron-tst "
             f"version that wrote it (see run_config.yaml beside it)")
+    if why := mcore.unreadable_checkpoint(saved_megatron_core(path)):
+        raise CheckpointError(f"cannot read {path}: {why}")
     return path
 
 

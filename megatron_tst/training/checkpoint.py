@@ -6,8 +6,9 @@ Layout of ``checkpoint.dir``::
     step_0000100/           one dist checkpoint: model, optimizer, LR schedule, train state
         run_config.yaml     the resolved run config, human-readable
         ...                 megatron's sharded files (resharding-capable across TP/PP/DP)
-        checkpoint.json     the completion record (format version, step), written after every
-                            rank has finished: a directory without it is never loaded
+        checkpoint.json     the completion record (format version, step, the megatron-core and
+                            torch that wrote it), written after every rank has finished: a
+                            directory without it is never loaded
 
 Order of a save: every rank writes, barrier, run_config.yaml, checkpoint.json, ``latest``, then
 retention. A process killed at any point leaves ``latest`` on a complete checkpoint, so a resume
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_tst import mcore
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
 from megatron_tst.training.failpoints import kill_if
@@ -97,6 +99,8 @@ def check_format(path: Path) -> None:
             f"{FORMAT_VERSION}{' and older' if FORMAT_VERSION > 1 else ''}. Load it with the "
             f"megatron-tst version that wrote it (see run_config.yaml beside it), or start "
             f"fresh with checkpoint.load=none", key="checkpoint.load", value=str(path))
+    if why := mcore.unreadable_checkpoint(saved_megatron_core(path)):
+        raise ConfigError(f"cannot load {path}: {why}", key="checkpoint.load", value=str(path))
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -240,7 +244,9 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler,
         kill_if("save:before_record", step)
         _write_atomic(path / RECORD, json.dumps(
             {"format_version": FORMAT_VERSION, "step": step, "phase": train_state.phase,
-             "consumed_tokens": train_state.consumed_tokens}, indent=2) + "\n")
+             "consumed_tokens": train_state.consumed_tokens,
+             "megatron_core": str(mcore.installed()), "torch": torch.__version__},
+            indent=2) + "\n")
         kill_if("save:before_latest", step)
         _write_atomic(root / LATEST, path.name + "\n")
         kill_if("save:before_prune", step)
@@ -304,17 +310,40 @@ def load_checkpoint(path: Path, cfg: RunConfig, model_chunks, optimizer,
         log.warning("checkpoint %s was written with (PP, TP)=%s, this run has %s: RNG states are "
                     "not restored", path, saved_layout, _current_layout())
         state.pop("rng_state")
-    with torch.no_grad():  # the distributed optimizer copies into views of the fp32 weights
-        loaded = dist_checkpointing.load(state, str(path))
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
-        if with_optimizer:
-            optimizer.load_state_dict(loaded["optimizer"])
-            _sync_optimizer_step_counts(optimizer)
+    written_by = saved_megatron_core(path)
+    if written_by not in (None, str(mcore.installed())):
+        log.info("checkpoint %s was written by megatron-core %s; loading it with %s", path,
+                 written_by, mcore.installed())
+    try:
+        with torch.no_grad():  # the distributed optimizer copies into views of the fp32 weights
+            loaded = dist_checkpointing.load(state, str(path))
+            for i, chunk in enumerate(model_chunks):
+                chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+            if with_optimizer:
+                optimizer.load_state_dict(loaded["optimizer"])
+                _sync_optimizer_step_counts(optimizer)
+    except Exception as err:
+        if written_by in (None, str(mcore.installed())):
+            raise
+        raise ConfigError(
+            f"{path} was written by megatron-core {written_by} and megatron-core "
+            f"{mcore.installed()} cannot load it ({type(err).__name__}: {str(err)[:300]}); "
+            f"resume it with megatron-core {written_by}", key="checkpoint.load",
+            value=str(path)) from None
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
+
+
+def saved_megatron_core(path: Path) -> Optional[str]:
+    """The megatron-core version recorded in a checkpoint's completion record (None: older
+    checkpoints, which did not record it)."""
+    try:
+        version = json.loads((Path(path) / RECORD).read_text()).get("megatron_core")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) else None
 
 
 def load_common(path: Path) -> dict:

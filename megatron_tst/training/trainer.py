@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from megatron_tst import mcore
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
 from megatron_tst.data.build import build_run_data, run_sample_counts
@@ -120,6 +121,11 @@ class Trainer:
             log.info("resolved config:\n%s", config_to_yaml(cfg))
             Path(cfg.resolved_run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.resolved_run_dir) / "run_config.yaml").write_text(config_to_yaml(cfg))
+        if self.env.rank == 0:
+            log.info("megatron-core %s, torch %s, Python %s", mcore.installed(),
+                     torch.__version__, mcore.python_line())
+            if untested := mcore.tested_pair():
+                log.warning(untested)
         sched = self.schedule
         log.info("model: %s parameters on this rank, vocab %d (padded), world size %d, "
                  "%d micro-batches per step", f"{self.num_params:,}", self.vocab_size,
