@@ -8,6 +8,7 @@ from megatron_tst.study import first_step_reaching, paired_p_value
 from tests.conftest import run_cli
 
 
+@pytest.mark.newest_line
 def test_study_smoke(tiny_recipe, tmp_path):
     out = tmp_path / "study"
     res = run_cli(["study", str(tiny_recipe), "--out", str(out), "--bag-sizes", "2",

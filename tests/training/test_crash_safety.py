@@ -40,6 +40,7 @@ CASES = {
 DEFAULT = ("save:after_write", "prune:after_first_delete")  # the others: python -m pytest -m slow
 
 
+@pytest.mark.newest_line
 @pytest.mark.parametrize("point", [
     pytest.param(p, marks=[] if p in DEFAULT else [pytest.mark.slow]) for p in CASES])
 def test_killed_save_resumes_from_newest_complete_checkpoint(point, reference, tmp_path):

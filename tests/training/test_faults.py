@@ -21,6 +21,7 @@ def _events(run):
     return [r["message"] for r in read_metrics(run, "event")]
 
 
+@pytest.mark.newest_line
 def test_skip_policy_on_two_ranks_skips_one_update(tiny_recipe, tmp_path):
     """The NaN is on rank 0 only (after the DP all-reduce): rank 1's gradients are finite, yet
     both ranks skip step 3, and training goes on."""
@@ -38,6 +39,7 @@ def test_skip_policy_on_two_ranks_skips_one_update(tiny_recipe, tmp_path):
     assert status["status"] == "finished"
 
 
+@pytest.mark.newest_line
 def test_stop_policy_saves_the_last_good_state(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     res = run_cli(["train", str(tiny_recipe), f"run_dir={run}", *TST], env=NAN_AT_3, check=False)
@@ -54,6 +56,7 @@ def test_stop_policy_saves_the_last_good_state(tiny_recipe, tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.newest_line
 def test_time_limit_saves_and_exits_75(tiny_recipe, tmp_path):
     """A 0.6 s limit on a 200-step run: it stops early with a checkpoint, and the next job
     resumes from it."""

@@ -64,6 +64,7 @@ def test_unknown_allow_changes_entry_is_a_config_error():
         load_config(None, ["data.source=demo", "checkpoint.allow_changes=[training.train_stepz]"])
 
 
+@pytest.mark.newest_line
 def test_longer_run_on_resume_rebuilds_the_schedule(tiny_recipe, tmp_path):
     """Extend a 6-step run to 10 steps: refused until allowed, then the LR schedule follows
     the new length from the resumed step."""

@@ -37,6 +37,7 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
     raise TimeoutError(f"no step {step} in {run_dir} after {timeout} s")
 
 
+@pytest.mark.newest_line
 def test_signal_to_one_rank_saves_stops_all_and_resumes_exactly(tiny_recipe, tmp_path):
     common = ["train", str(tiny_recipe), "training.train_steps=40", "training.eval_interval=0",
               "schedule.decay_fraction=0.2", "tst.bag_size=2", "tst.ratio=0.5"]

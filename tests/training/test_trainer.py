@@ -28,6 +28,7 @@ def test_save_stop_resume_is_bitwise_identical(tiny_recipe, tmp_path):
         [r["loss"] for r in read_metrics(full, "valid")][-1]
 
 
+@pytest.mark.newest_line
 def test_checkpoint_interval_retention_and_metric_sinks(tiny_recipe, tmp_path):
     run = tmp_path / "keep"
     run_cli(["train", str(tiny_recipe), f"run_dir={run}", "checkpoint.save_interval=2",
