@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from megatron_tst.tst.vocab_shard import IGNORE_INDEX
 
 
 @dataclass

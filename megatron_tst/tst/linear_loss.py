@@ -8,7 +8,8 @@ the per-position loss is::
 
 (ignored slots have ``w = 0``; duplicates accumulate). ``sum_n loss_n`` is the paper's MCE (see
 ``docs/loss.md``); with ``s = 1`` and ``w = 1`` it is the per-token cross-entropy. Two
-implementations of one algorithm:
+implementations of one algorithm (``impl``, the recipe's ``loss.implementation`` names, see
+``tst/implementations.py``):
 
 * ``"chunked"`` (PyTorch, any device): positions in chunks of ``rows`` (``CHUNK_ELEMENTS`` /
   ``V_local``); each chunk's logits are computed, reduced to (max, sum-exp, weighted target sum)
@@ -20,40 +21,28 @@ implementations of one algorithm:
 Vocab-parallel: rank ``r`` holds rows ``[r*V_local, (r+1)*V_local)`` of ``W``. Each rank streams
 its shard to a local (max, sum-exp, target partial sum) per position; one MAX all-reduce of the max
 and one SUM all-reduce of the stacked (rescaled sum-exp, target sum) combine them, exactly as
-``loss.mce_vocab_parallel`` does on materialised logits. The gradient for ``h`` that comes back is
-this rank's partial (its shard's contribution): the caller sums it over the TP group the way
-megatron's ``ColumnParallelLinear`` does (``copy_to_tensor_model_parallel_region``, or the
-sequence-parallel all-gather whose backward is a reduce-scatter). ``TSTGPTModel`` does that.
+``loss.mce_vocab_parallel`` does on materialised logits (the shard bookkeeping and the
+combination are ``tst/vocab_shard.py``'s, shared by both implementations). The gradient for ``h``
+that comes back is this rank's partial (its shard's contribution): the caller sums it over the TP
+group the way megatron's ``ColumnParallelLinear`` does (``copy_to_tensor_model_parallel_region``,
+or the sequence-parallel all-gather whose backward is a reduce-scatter). ``TSTGPTModel`` does that.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+# triton_available is re-exported: callers that pick ``impl="triton"`` ask it here.
+from megatron_tst.tst.implementations import LINEAR_IMPLEMENTATIONS, triton_available
+from megatron_tst.tst.vocab_shard import (IGNORE_INDEX, combine_stats, compute_dtype,
+                                          shard_targets, tp_group_info)
 
 __all__ = ["LINEAR_IMPLEMENTATIONS", "linear_mce", "triton_available", "CHUNK_ELEMENTS"]
-
-LINEAR_IMPLEMENTATIONS = ("chunked", "triton")
 
 # Elements (rows * V_local) of logits per chunk. ``None``: 2^24 (64 MiB fp32) on CPU, 2^26 on GPU.
 CHUNK_ELEMENTS: int | None = None
 _CPU_CHUNK_ELEMENTS = 1 << 24  # 64 MiB fp32: enough rows per chunk to amortise reading W
 _GPU_CHUNK_ELEMENTS = 1 << 26
-
-
-def triton_available() -> bool:
-    """Triton importable and something to run it on: CUDA, or the CPU interpreter."""
-    import os
-
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _rows(n: int, v_local: int, device: torch.device) -> int:
@@ -63,40 +52,15 @@ def _rows(n: int, v_local: int, device: torch.device) -> int:
     return max(1, min(max(n, 1), budget // max(v_local, 1)))
 
 
-def _shard(targets, weights, ignore_index, start, v_local, cdtype):
-    valid = targets != ignore_index
-    w = torch.where(valid, weights.to(cdtype), torch.zeros((), dtype=cdtype, device=weights.device))
-    own = valid & (targets >= start) & (targets < start + v_local)
-    local_t = torch.where(own, targets - start, torch.zeros_like(targets)).to(torch.int64)
-    w_own = torch.where(own, w, torch.zeros((), dtype=cdtype, device=w.device))
-    return w, local_t, w_own
-
-
-def combine_stats(row_max, sum_exp, tgt, w_row, group, world_size):
-    """Per-position loss from this rank's (max, sum-exp at that max, weighted target sum).
-
-    One MAX all-reduce, one SUM all-reduce of the stacked (rescaled sum-exp, target sum).
-    Returns ``(loss_n, lse_n)``.
-    """
-    if world_size > 1:
-        gmax = row_max.clone()
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-        stats = torch.stack([sum_exp * torch.exp(row_max - gmax), tgt])
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        row_max, sum_exp, tgt = gmax, stats[0], stats[1]
-    lse = row_max + sum_exp.log()
-    return w_row * lse - tgt, lse
-
-
 class _ChunkedLinearMCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, weights, ignore_index, group, rank, world_size):
         hidden, weight = hidden.detach(), weight.detach()
         n = hidden.shape[0]
         v_local = weight.shape[0]
-        cdtype = _compute_dtype(hidden.dtype)
+        cdtype = compute_dtype(hidden.dtype)
         dev = hidden.device
-        w, local_t, w_own = _shard(targets, weights, ignore_index, rank * v_local, v_local, cdtype)
+        w, _, local_t, w_own = shard_targets(targets, weights, ignore_index, rank, v_local, cdtype)
         row_max = torch.empty(n, dtype=cdtype, device=dev)
         sum_exp = torch.empty(n, dtype=cdtype, device=dev)
         tgt = torch.empty(n, dtype=cdtype, device=dev)
@@ -141,18 +105,6 @@ class _ChunkedLinearMCE(torch.autograd.Function):
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
-def _group_info(tp_group):
-    if tp_group is None:
-        if not dist.is_available() or not dist.is_initialized():
-            return None, 0, 1
-        from megatron.core import parallel_state
-
-        if not parallel_state.model_parallel_is_initialized():
-            return None, 0, 1
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-    return tp_group, dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
-
-
 def linear_mce(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -161,7 +113,7 @@ def linear_mce(
     *,
     impl: str = "chunked",
     tp_group=None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "sum",
 ) -> torch.Tensor:
     """``sum_n loss_n`` (``reduction="sum"``) or the per-position ``loss_n`` (``"none"``).
@@ -169,7 +121,8 @@ def linear_mce(
     ``hidden`` (N, D), ``weight`` (V_local, D) (this rank's vocab shard), ``targets`` (N, s) global
     token ids, ``weights`` (N, s) element weights (the same on every rank of ``tp_group``). The
     loss comes back in fp32 (float64 for float64 inputs); the gradients in the input dtypes.
-    ``tp_group=None``: megatron's TP group when model parallelism is initialised, else no TP.
+    ``tp_group=None``: megatron's TP group when model parallelism is initialised, else no TP
+    (``vocab_shard.tp_group_info``). ``impl``: ``"chunked"`` (default) or ``"triton"``.
     """
     if impl not in LINEAR_IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {LINEAR_IMPLEMENTATIONS}, got {impl!r}")
@@ -183,7 +136,7 @@ def linear_mce(
                          f"both be (N, s) with N={hidden.shape[0]}")
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
-    group, rank, world = _group_info(tp_group)
+    group, rank, world = tp_group_info(tp_group)
     if impl == "triton":
         from megatron_tst.tst.kernels.triton_mce import TritonLinearMCE
 

@@ -12,13 +12,19 @@ which equals ``sum_n sum_k w[n,k] * (lse_n - z_n[t[n,k]])`` with the element wei
 ``w[n,k] = c_k * m[n,k] / max(1, sum_n m[n,k])`` (``element_weights``). A token that occurs twice
 in a bag is counted twice; a slot with no non-ignored position contributes 0.
 
-Three implementations behind one interface (``multi_hot_cross_entropy``):
+Three kernels behind one interface (``multi_hot_cross_entropy``, whose ``impl`` names are the
+recipe's ``loss.implementation``, see ``tst/implementations.py``):
 
 * ``mce_reference``   -- ``s`` calls of ``F.cross_entropy`` (the paper's formulation; for tests).
+  ``impl="reference"``.
 * ``mce_fused``       -- one autograd Function: one log-softmax pass per position (not per slot),
   gathers the ``s`` target log-probabilities, and a backward that writes the gradient once.
 * ``mce_vocab_parallel`` -- logits sharded over the vocabulary on the tensor-parallel ranks:
   one MAX all-reduce and one fused SUM all-reduce in forward, no communication in backward.
+  On a group of one rank (or with no tensor parallelism) it is ``mce_fused``. ``impl="fused"``.
+
+The vocab-shard bookkeeping (owned target slots, default TP group, compute dtype) is shared with
+the fused-linear losses in ``tst/vocab_shard.py``.
 
 See ``docs/loss.md`` for the numerics (what is bitwise equal to ``F.cross_entropy`` and what holds
 to a tolerance), memory and the communication pattern.
@@ -33,9 +39,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_tst.tst.implementations import LOGITS_IMPLEMENTATIONS
+from megatron_tst.tst.vocab_shard import IGNORE_INDEX, compute_dtype, shard_targets, tp_group_info
+
 __all__ = [
     "IGNORE_INDEX",
-    "IMPLEMENTATIONS",
     "WEIGHTINGS",
     "slot_weights",
     "element_weights",
@@ -45,9 +53,7 @@ __all__ = [
     "multi_hot_cross_entropy",
 ]
 
-IGNORE_INDEX = -100
 WEIGHTINGS = ("uniform", "power_law", "explicit")
-IMPLEMENTATIONS = ("fused", "reference", "vocab_parallel")
 
 # Elements (rows * vocab) processed per chunk by the fused / vocab-parallel kernels. ``None`` picks
 # a per-device default (``_chunk_rows``); tests set a small value to exercise chunk boundaries.
@@ -144,11 +150,6 @@ def element_weights(
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32: 16-bit logits are computed in fp32, float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
     if CHUNK_ELEMENTS is not None:
         budget, floor = CHUNK_ELEMENTS, 1
@@ -214,7 +215,7 @@ def mce_reference(
     if targets.dim() != 2 or logits.dim() != 2 or targets.shape[0] != logits.shape[0]:
         raise ValueError(f"need logits (N, V) and targets (N, s), got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
-    z = logits.to(_compute_dtype(logits.dtype))
+    z = logits.to(compute_dtype(logits.dtype))
     slot_w = torch.as_tensor(slot_w).to(device=z.device, dtype=z.dtype)
     if slot_w.numel() != targets.shape[1]:
         raise ValueError(f"{slot_w.numel()} slot weights for {targets.shape[1]} target slots")
@@ -235,7 +236,7 @@ class _FusedMCE(torch.autograd.Function):
         logits = logits.detach().contiguous()
         n, vocab = logits.shape
         s = targets.shape[1]
-        cdtype = _compute_dtype(logits.dtype)
+        cdtype = compute_dtype(logits.dtype)
         dev = logits.device
 
         valid = targets != ignore_index
@@ -341,19 +342,13 @@ def mce_fused(
 class _VocabParallelMCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, weights, ignore_index, group, rank, world_size):
-        from megatron.core.tensor_parallel.utils import VocabUtility
-
         logits = logits.detach().contiguous()
         n, vocab_local = logits.shape
-        cdtype = _compute_dtype(logits.dtype)
+        cdtype = compute_dtype(logits.dtype)
         dev = logits.device
-        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
-            vocab_local, rank, world_size)
-
-        valid = targets != ignore_index
-        own = valid & (targets >= start) & (targets < end)
-        local_t = torch.where(own, targets - start, torch.zeros_like(targets)).to(torch.int64)
-        w = torch.where(valid, weights.to(cdtype), torch.zeros((), dtype=cdtype, device=dev))
+        # columns [rank*V_local, (rank+1)*V_local): the target slots this rank owns
+        w, own, local_t, _ = shard_targets(targets, weights, ignore_index, rank, vocab_local,
+                                           cdtype)
 
         # 1) global row max: one MAX all-reduce.
         row_max = logits.amax(-1).to(cdtype)
@@ -419,21 +414,17 @@ def mce_vocab_parallel(
     """MCE on vocab-parallel logits: rank r holds columns ``[r*V_local, (r+1)*V_local)``.
 
     ``targets`` and ``weights`` hold global token ids / weights and must be the same on every rank
-    of ``tp_group`` (default: megatron's tensor-model-parallel group). Forward: one MAX all-reduce
-    of the per-position max, one SUM all-reduce of the stacked (sum-exp, weighted target-logit
-    sum); the returned loss is the same on every rank. Backward: the local shard of ``mce_fused``'s
-    gradient, no communication. With a group of size 1 this *is* ``mce_fused``.
+    of ``tp_group`` (default: megatron's tensor-model-parallel group when model parallelism is
+    initialised, else none: ``vocab_shard.tp_group_info``). Forward: one MAX all-reduce of the
+    per-position max, one SUM all-reduce of the stacked (sum-exp, weighted target-logit sum); the
+    returned loss is the same on every rank. Backward: the local shard of ``mce_fused``'s
+    gradient, no communication. With a group of size 1 (or none) this *is* ``mce_fused``.
     """
     _check_inputs(logits_local, targets, weights)
-    if tp_group is None:
-        from megatron.core import parallel_state
-
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-    world_size = dist.get_world_size(group=tp_group)
+    group, rank, world_size = tp_group_info(tp_group)
     if world_size == 1:
         return mce_fused(logits_local, targets, weights, ignore_index)
-    rank = dist.get_rank(group=tp_group)
-    return _VocabParallelMCE.apply(logits_local, targets, weights, ignore_index, tp_group, rank,
+    return _VocabParallelMCE.apply(logits_local, targets, weights, ignore_index, group, rank,
                                    world_size)
 
 
@@ -454,12 +445,14 @@ def multi_hot_cross_entropy(
     The leading dims of ``logits`` and ``targets`` must match (any layout, e.g. megatron's
     ``(L, B, V)`` with ``(L, B, s)``); a ``targets`` of shape ``logits.shape[:-1]`` is one slot.
     Each slot is averaged over its non-ignored positions across all leading dims, then the slots
-    are combined with ``slot_w`` (``slot_weights``). ``impl``: ``"fused"`` (default),
-    ``"reference"`` (``s`` cross-entropy calls) or ``"vocab_parallel"`` (``logits`` is the local
-    vocab shard; ``tp_group`` defaults to megatron's tensor-parallel group).
+    are combined with ``slot_w`` (``slot_weights``). ``impl`` (``tst/implementations.py``):
+    ``"fused"`` (default; ``mce_vocab_parallel``: ``logits`` is this rank's vocab shard when
+    ``tp_group``, or by default megatron's tensor-parallel group, has more than one rank, and the
+    full logits through ``mce_fused`` otherwise) or ``"reference"`` (``s`` cross-entropy calls,
+    full logits).
     """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl not in LOGITS_IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {LOGITS_IMPLEMENTATIONS}, got {impl!r}")
     if logits.dim() < 1:
         raise ValueError("logits must have a vocabulary dimension (..., V)")
     if tuple(targets.shape) == tuple(logits.shape[:-1]):
@@ -472,7 +465,5 @@ def multi_hot_cross_entropy(
     t = targets.reshape(-1, s)
     if impl == "reference":
         return mce_reference(z, t, slot_w, ignore_index)
-    w = element_weights(t, slot_w, ignore_index, dtype=_compute_dtype(z.dtype))
-    if impl == "fused":
-        return mce_fused(z, t, w, ignore_index)
+    w = element_weights(t, slot_w, ignore_index, dtype=compute_dtype(z.dtype))
     return mce_vocab_parallel(z, t, w, tp_group=tp_group, ignore_index=ignore_index)

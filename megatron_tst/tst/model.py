@@ -3,7 +3,8 @@
 - First pipeline stage: ``(B, L, s)`` input ids are superposed (``tst/embedding.py``).
 - Last pipeline stage: ``(B, L, s)`` labels make ``compute_language_model_loss`` return the
   multi-hot CE of the next bag, computed on megatron's ``[L, B, V/TP]`` logits in place (no
-  transposed copy of the logits), vocab-parallel over the model's TP group.
+  transposed copy of the logits), vocab-parallel over the model's TP group
+  (``loss.implementation: fused``, or ``reference`` at TP=1).
 - With a fused-linear loss (``loss.implementation: chunked | triton``) the last stage computes no
   logits when labels are given: the final hidden states and the LM-head weight shard go straight
   to ``tst.linear_loss.linear_mce``, for bags (the MCE, a scalar) and for ``(B, S)`` labels (the
@@ -20,31 +21,32 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_tst.tst.embedding import install_superposed_embedding
-from megatron_tst.tst.linear_loss import LINEAR_IMPLEMENTATIONS, linear_mce
+from megatron_tst.tst.implementations import LINEAR_IMPLEMENTATIONS, LOGITS_IMPLEMENTATIONS
+from megatron_tst.tst.linear_loss import linear_mce
 from megatron_tst.tst.loss import element_weights, multi_hot_cross_entropy
-
-# loss.implementation -> the bag loss on materialised logits
-_BAG_IMPL = {"fused": "vocab_parallel", "reference": "reference"}
 
 
 class TSTGPTModel(GPTModel):
     def __init__(self, *args, slot_weights: torch.Tensor, loss_impl: str = "fused", **kwargs):
+        """``loss_impl``: a resolved ``loss.implementation`` (``tst/implementations.py``)."""
         super().__init__(*args, **kwargs)
-        if loss_impl not in _BAG_IMPL and loss_impl not in LINEAR_IMPLEMENTATIONS:
+        if loss_impl not in LOGITS_IMPLEMENTATIONS and loss_impl not in LINEAR_IMPLEMENTATIONS:
             raise ValueError(f"unknown loss implementation {loss_impl!r}")
         self.slot_weights = slot_weights  # (s,), sums to 1; not a parameter, not checkpointed
         self.loss_impl = loss_impl
-        self.bag_loss_impl = _BAG_IMPL.get(loss_impl)
         if self.pre_process:
             install_superposed_embedding(self)
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if labels.dim() != 3:
             return super().compute_language_model_loss(labels, logits)
-        # logits [L, B, V/TP], labels [B, L, s] -> a scalar: the paper's mean of per-slot CEs
+        # logits [L, B, V/TP], labels [B, L, s] -> a scalar: the paper's mean of per-slot CEs.
+        # A fused-linear loss_impl gets here only when the logits exist anyway (GPTModel's own
+        # path, see _postprocess): the loss on them is the fused one, the same value.
+        impl = self.loss_impl if self.loss_impl in LOGITS_IMPLEMENTATIONS else "fused"
         return multi_hot_cross_entropy(
             logits, labels.transpose(0, 1), self.slot_weights.to(logits.device),
-            impl=self.bag_loss_impl or "vocab_parallel", tp_group=self.pg_collection.tp)
+            impl=impl, tp_group=self.pg_collection.tp)
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         if (self.loss_impl not in LINEAR_IMPLEMENTATIONS or labels is None or not self.post_process

@@ -83,10 +83,12 @@ def test_linear_loss_builds_the_tst_model_for_baselines(megatron_env):
 
 
 def test_loss_implementation_resolution(megatron_env):
-    from megatron_tst.models.gpt import resolve_loss_impl
+    from megatron_tst.tst.implementations import resolve_loss_impl
 
-    assert resolve_loss_impl(cfg()) == ("triton" if torch.cuda.is_available() else "fused")
+    assert resolve_loss_impl(cfg().loss.implementation) == (
+        "triton" if torch.cuda.is_available() else "fused")
     for impl in ("reference", "fused", "chunked"):
-        assert resolve_loss_impl(cfg(f"loss.implementation={impl}")) == impl
+        assert resolve_loss_impl(cfg(f"loss.implementation={impl}").loss.implementation) == impl
     if not torch.cuda.is_available():  # no CUDA: the same loss through the PyTorch path
-        assert resolve_loss_impl(cfg("loss.implementation=triton")) == "chunked"
+        assert resolve_loss_impl(cfg("loss.implementation=triton").loss.implementation) \
+            == "chunked"

@@ -14,11 +14,12 @@ accumulation) lives only in registers/SRAM:
 * ``_bwd_dw`` grid over vocabulary blocks: the same ``dz`` and accumulates ``dz^T @ h`` into the
   block's own rows of ``dW`` (no atomics, deterministic).
 
-The cross-rank combination of the per-row statistics (vocab parallelism) and the autograd glue
-are in ``TritonLinearMCE`` below and ``tst/linear_loss.py``. Under ``TRITON_INTERPRET=1`` (set
-before this module is imported) the kernels run on CPU tensors through Triton's interpreter; the
-operands of ``tl.dot`` are then upcast to fp32 first (the interpreter's 16-bit dot is not reliable),
-which gives the same fp32-accumulated values.
+The autograd glue is ``TritonLinearMCE`` below (called by ``tst/linear_loss.py``); the target
+slots a rank owns and the cross-rank combination of the per-row statistics (vocab parallelism) are
+``tst/vocab_shard.py``'s, shared with the chunked PyTorch implementation. Under
+``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors through
+Triton's interpreter; the operands of ``tl.dot`` are then upcast to fp32 first (the interpreter's
+16-bit dot is not reliable), which gives the same fp32-accumulated values.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from megatron_tst.tst.vocab_shard import combine_stats, shard_targets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -192,20 +195,9 @@ def _meta(h: torch.Tensor):
     return dict(UPCAST=INTERPRET or h.dtype == torch.float32, IEEE=INTERPRET or h.dtype == torch.float32)
 
 
-def _local_targets(targets, weights, ignore_index, start, v_local):
-    valid = targets != ignore_index
-    w = torch.where(valid, weights.float(), torch.zeros((), device=weights.device))
-    own = valid & (targets >= start) & (targets < start + v_local)
-    local_t = torch.where(own, targets - start, torch.full_like(targets, -1)).to(torch.int32)
-    w_own = torch.where(own, w, torch.zeros((), device=w.device)).contiguous()
-    return w, local_t.contiguous(), w_own
-
-
 class TritonLinearMCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, weights, ignore_index, group, rank, world_size):
-        from megatron_tst.tst.linear_loss import combine_stats
-
         h = hidden.detach().contiguous()
         wt = weight.detach().contiguous()
         if wt.dtype != h.dtype:
@@ -213,7 +205,10 @@ class TritonLinearMCE(torch.autograd.Function):
         n, d = h.shape
         v_local = wt.shape[0]
         s = targets.shape[1]
-        w, local_t, w_own = _local_targets(targets, weights, ignore_index, rank * v_local, v_local)
+        # fp32 weights; local ids int32, -1 where not owned (matches no column in the kernels)
+        w, _, local_t, w_own = shard_targets(targets, weights, ignore_index, rank, v_local,
+                                             torch.float32, fill=-1, id_dtype=torch.int32)
+        local_t, w_own = local_t.contiguous(), w_own.contiguous()
         bm, bv, bd = _blocks(d)
         splits, v_split = _vocab_splits(n, v_local, bm, bv, h.device)
         part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)
