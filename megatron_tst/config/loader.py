@@ -31,11 +31,23 @@ def load_config(path: Optional[Union[str, Path]], overrides: Iterable[str] = (),
     sources: dict[str, str] = {}
     if path is not None:
         tree = _load_yaml_tree(Path(path), sources, chain=())
+    sources.update(apply_overrides(tree, overrides))
+    return build_config(tree, sources, world_size=world_size)
+
+
+def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict[str, str]:
+    """Set dotted ``key=value`` overrides in the plain nested dict ``tree`` (in place; each value
+    parsed as a YAML scalar, as ``load_config`` does; sections are created as needed).
+
+    Returns ``{key: "command line"}`` for each overridden key: the ``sources`` that
+    ``build_config(tree, sources)`` takes, so that its errors name the command line.
+    """
+    sources: dict[str, str] = {}
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(tree, key, value)
         sources[key] = CLI
-    return build_config(tree, sources, world_size=world_size)
+    return sources
 
 
 def build_config(tree: dict, sources: Optional[dict[str, str]] = None,
@@ -53,7 +65,7 @@ def build_config(tree: dict, sources: Optional[dict[str, str]] = None,
 
 def config_source(cfg: RunConfig, key: str) -> Optional[str]:
     """The recipe file (or ``command line``) that set ``key`` in ``cfg``, if it was loaded here."""
-    return _source_of(key, getattr(cfg, "_key_sources", {}))
+    return _source_of(key, cfg._key_sources)
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

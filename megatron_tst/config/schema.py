@@ -1,18 +1,21 @@
 """Typed run configuration: one dataclass per concern, strict keys, cross-field validation.
 
 Every field is reachable from YAML (``section.key``) and from the command line as a dotted
-override (``optimizer.lr=1e-3``). ``RunConfig.validate`` checks combinations that would only fail
-deep inside megatron-core (heads vs hidden size, parallel sizes vs world size, ...) before any
-work starts; the loader attaches the file each offending key came from.
+override (``optimizer.lr=1e-3``). ``RunConfig.validate`` checks ranges and combinations that would
+only fail deep inside megatron-core (heads vs hidden size, parallel sizes vs world size, ...)
+before any work starts: each section's ``validate`` checks its own keys, given the sections they
+are compared with. The loader attaches the file each offending key came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Mapping, NoReturn, Optional
 
 from megatron_tst.config.errors import ConfigError
+from megatron_tst.config.signals import signal_number
 
 Precision = Literal["float32", "bfloat16", "float16"]
 
@@ -52,6 +55,37 @@ class ModelConfig:
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     moe_grouped_gemm: bool = False
 
+    def validate(self) -> None:
+        _POSITIVE_INT.check(self, "model.num_layers", "model.hidden_size",
+                            "model.num_attention_heads", "model.seq_length",
+                            "model.make_vocab_size_divisible_by")
+        _POSITIVE_INT_OR_NULL.check(self, "model.ffn_hidden_size", "model.kv_channels",
+                                    "model.moe_ffn_hidden_size")
+        _POSITIVE.check(self, "model.rotary_base", "model.norm_epsilon", "model.init_method_std")
+        _FRACTION.check(self, "model.hidden_dropout", "model.attention_dropout")
+        _NON_NEGATIVE.check(self, "model.moe_aux_loss_coeff")
+        if self.num_moe_experts is not None and self.num_moe_experts < 1:
+            _fail(self, "model.num_moe_experts",
+                  "must be a positive integer (or null for a dense model)")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            _fail(self, "model.num_attention_heads",
+                  f"must divide model.hidden_size={self.hidden_size} (or set model.kv_channels)")
+        if self.num_query_groups is not None and (
+            self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups
+        ):
+            _fail(self, "model.num_query_groups",
+                  f"must divide model.num_attention_heads={self.num_attention_heads}")
+        experts = self.num_moe_experts
+        if experts is not None and not 1 <= self.moe_router_topk <= experts:
+            _fail(self, "model.moe_router_topk", f"must be in [1, model.num_moe_experts={experts}]")
+        if self.no_rope_freq is not None and (
+                self.no_rope_freq < 1 or self.num_layers % self.no_rope_freq
+                or self.position_embedding != "rope"):
+            _fail(self, "model.no_rope_freq", f"must divide model.num_layers={self.num_layers} and "
+                                              "needs model.position_embedding=rope (or null)")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            _fail(self, "model.vocab_size", "must be positive (or null to take the tokenizer's)")
+
 
 @dataclass
 class ParallelConfig:
@@ -68,6 +102,51 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
+
+    def validate(self, model: ModelConfig) -> None:
+        """The sizes, and the model's heads, layers and experts they split."""
+        m, tp, pp = model, self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _POSITIVE_INT.check(self, "parallel.tensor_model_parallel_size",
+                            "parallel.pipeline_model_parallel_size",
+                            "parallel.expert_model_parallel_size")
+        if m.num_attention_heads % tp:
+            _fail(self, "parallel.tensor_model_parallel_size",
+                  f"must divide model.num_attention_heads={m.num_attention_heads}")
+        if (m.num_query_groups or m.num_attention_heads) % tp:
+            _fail(self, "parallel.tensor_model_parallel_size",
+                  f"must divide model.num_query_groups={m.num_query_groups}")
+        if m.num_layers % pp:
+            _fail(self, "parallel.pipeline_model_parallel_size",
+                  f"must divide model.num_layers={m.num_layers}")
+        vp = self.virtual_pipeline_model_parallel_size
+        if vp is not None:
+            if pp < 2 or vp < 2:
+                _fail(self, "parallel.virtual_pipeline_model_parallel_size",
+                      "needs parallel.pipeline_model_parallel_size > 1 and a value > 1 (or null)")
+            if m.num_layers % (pp * vp):
+                _fail(self, "parallel.virtual_pipeline_model_parallel_size",
+                      f"pipeline x virtual stages must divide model.num_layers={m.num_layers}")
+        if self.context_parallel_size != 1:
+            _fail(self, "parallel.context_parallel_size",
+                  "context parallelism is not supported: TST folds labels into (B, L, s) bags "
+                  "before any sequence sharding, and megatron-tst does not shard the sequence "
+                  "across CP ranks yet; use tensor_model_parallel_size with sequence_parallel "
+                  "for long sequences, and set parallel.context_parallel_size=1")
+        if self.sequence_parallel and tp == 1:
+            _fail(self, "parallel.sequence_parallel",
+                  "needs parallel.tensor_model_parallel_size > 1")
+        if m.num_moe_experts is None:
+            if self.expert_model_parallel_size != 1:
+                _fail(self, "parallel.expert_model_parallel_size",
+                      "needs model.num_moe_experts to be set")
+        else:
+            if m.num_moe_experts % self.expert_model_parallel_size:
+                _fail(self, "parallel.expert_model_parallel_size",
+                      f"must divide model.num_moe_experts={m.num_moe_experts}")
+            if tp > 1 and not self.sequence_parallel:
+                _fail(self, "parallel.sequence_parallel", "megatron-core requires sequence "
+                      "parallelism for MoE with tensor parallelism: set "
+                      "parallel.sequence_parallel=true")
 
 
 @dataclass
@@ -91,6 +170,22 @@ class DataConfig:
     demo_vocab_size: int = 4096  # tokenizer trained on the demo corpus when source=demo
     num_workers: int = 0  # DataLoader worker processes
 
+    def validate(self) -> None:
+        _NON_NEGATIVE.check(self, "data.num_workers")
+        if self.source == "demo" and self.demo_vocab_size < 300:
+            _fail(self, "data.demo_vocab_size", "must be >= 300 (the tokenizer needs its byte and "
+                                                "special pieces)")
+        if self.source == "indexed":
+            if not self.train_paths:
+                _fail(self, "data.train_paths",
+                      "is empty: give indexed dataset prefixes or set data.source=demo")
+            if self.tokenizer.path is None:
+                _fail(self, "data.tokenizer.path", "is required when data.source=indexed")
+        w = self.train_weights
+        if w is not None and (len(w) != len(self.train_paths) or min(w) <= 0):
+            _fail(self, "data.train_weights",
+                  "needs one positive weight per entry of data.train_paths")
+
 
 @dataclass
 class TrainingConfig:
@@ -113,6 +208,26 @@ class TrainingConfig:
     nonfinite: Literal["stop", "skip"] = "stop"
     loss_spike_sigma: float = 6.0  # flag losses this many robust sigmas above recent; 0 = off
 
+    def validate(self) -> None:
+        _POSITIVE_INT.check(self, "training.train_steps", "training.micro_batch_size",
+                            "training.global_batch_size", "training.eval_steps",
+                            "training.log_interval")
+        _NON_NEGATIVE.check(self, "training.eval_interval")
+        if self.train_steps > 10**9:
+            _fail(self, "training.train_steps", "is absurd (more than 10^9 optimizer steps)")
+        if self.exit_at_step is not None and not 1 <= self.exit_at_step <= self.train_steps:
+            _fail(self, "training.exit_at_step",
+                  f"must be in [1, training.train_steps={self.train_steps}]")
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            _fail(self, "training.time_limit_minutes", "must be positive (or null for no limit)")
+        if self.loss_spike_sigma < 0:
+            _fail(self, "training.loss_spike_sigma", "must be >= 0 (0 turns the detector off)")
+        for name in self.exit_signals:
+            try:
+                signal_number(name)
+            except ValueError as err:
+                _fail(self, "training.exit_signals", str(err))
+
 
 @dataclass
 class OptimizerConfig:
@@ -125,6 +240,12 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 = no clipping
 
+    def validate(self) -> None:
+        _POSITIVE.check(self, "optimizer.adam_eps")
+        _FRACTION.check(self, "optimizer.adam_beta1", "optimizer.adam_beta2")
+        _NON_NEGATIVE.check(self, "optimizer.weight_decay", "optimizer.clip_grad")
+        _POSITIVE.check(self, "optimizer.lr")
+
 
 @dataclass
 class ScheduleConfig:
@@ -134,6 +255,19 @@ class ScheduleConfig:
     decay_fraction: float = 0.1  # fraction of train_steps spent decaying, at the end
     decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
     final_lr: float = 0.0
+
+    def validate(self, training: TrainingConfig, optimizer: OptimizerConfig) -> None:
+        """Its own ranges, the final LR against the peak, warmup plus decay against the run."""
+        steps = training.train_steps
+        _NON_NEGATIVE.check(self, "schedule.warmup_steps")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            _fail(self, "schedule.decay_fraction", "must be in [0, 1]")
+        if not 0 <= self.final_lr <= optimizer.lr:
+            _fail(self, "schedule.final_lr", f"must be in [0, optimizer.lr={optimizer.lr}]")
+        decay = round(self.decay_fraction * steps)
+        if self.warmup_steps >= steps or self.warmup_steps + decay > steps:
+            _fail(self, "schedule.warmup_steps",
+                  f"warmup plus decay ({decay} steps) exceeds training.train_steps={steps}")
 
 
 @dataclass
@@ -147,6 +281,15 @@ class CheckpointConfig:
     # Recipe changes accepted on resume (keys or sections, e.g. [training.train_steps, schedule]);
     # see docs/checkpoints.md for what may change freely and what never can.
     allow_changes: list[str] = field(default_factory=list)
+
+    def validate(self, run: RunConfig) -> None:
+        """``run``: the whole config, whose keys and sections ``allow_changes`` may name."""
+        _NON_NEGATIVE.check(self, "checkpoint.save_interval", "checkpoint.keep_last")
+        for name in self.allow_changes:
+            if not _is_key_or_section(run, name):
+                _fail(self, "checkpoint.allow_changes", f"{name!r} is not a recipe key or section")
+        if self.load not in ("auto", "none") and not self.load:
+            _fail(self, "checkpoint.load", "must be 'auto', 'none' or a checkpoint directory")
 
 
 @dataclass
@@ -172,6 +315,31 @@ class TSTConfig:
     reset_optimizer_at_switch: bool = False  # ablation: fresh Adam moments in the recovery phase
     reinit_embeddings_at_switch: bool = False  # ablation: re-initialise embedding and LM head
 
+    def validate(self, training: TrainingConfig) -> None:
+        steps = training.train_steps
+        if self.bag_size < 1:
+            _fail(self, "tst.bag_size", "must be >= 1 (1 = standard training)")
+        if self.ratio is not None and self.superposition_steps is not None:
+            _fail(self, "tst.superposition_steps",
+                  "give tst.ratio or tst.superposition_steps, not both")
+        if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
+            _fail(self, "tst.ratio", "must be in [0, 1] (the paper recommends 0.2-0.4)")
+        if self.superposition_steps is not None and not 0 <= self.superposition_steps <= steps:
+            _fail(self, "tst.superposition_steps", f"must be in [0, training.train_steps={steps}]")
+        if self.bag_size > 1 and self.ratio is None and self.superposition_steps is None:
+            _fail(self, "tst.bag_size", "needs tst.ratio (or tst.superposition_steps) to say how "
+                                        "long the superposition phase lasts")
+        if self.weighting == "explicit":
+            if self.slot_weights is None or len(self.slot_weights) != self.bag_size:
+                _fail(self, "tst.slot_weights",
+                      f"needs one weight per slot (tst.bag_size={self.bag_size})")
+            if min(self.slot_weights) < 0 or sum(self.slot_weights) <= 0:
+                _fail(self, "tst.slot_weights", "must be non-negative with a positive sum")
+        elif self.slot_weights is not None:
+            _fail(self, "tst.slot_weights", "is only used with tst.weighting=explicit")
+        if self.weighting == "power_law" and self.power < 0:
+            _fail(self, "tst.power", "must be >= 0")
+
     def num_superposition_steps(self, train_steps: int) -> int:
         if self.bag_size == 1:
             return 0
@@ -189,9 +357,26 @@ class LossConfig:
     # chunked / triton: LM head fused into the loss, logits never materialised.
     implementation: Literal["auto", "reference", "fused", "chunked", "triton"] = "auto"
 
+    def validate(self, parallel: ParallelConfig) -> None:
+        if self.implementation == "reference" and parallel.tensor_model_parallel_size > 1:
+            _fail(self, "loss.implementation", "the reference loss needs full-vocabulary logits "
+                                               "(TP=1); use fused, chunked or triton")
+
+
+class _KeySources:
+    """Where a loaded config's keys were set. A plain base class, not a dataclass: its attribute
+    is no field, so it is no recipe key (strict keys, ``checkpoint.allow_changes``), not in
+    ``to_dict()`` (checkpoints, the resume comparison, ``config_to_yaml``), not compared and
+    not printed; ``copy.deepcopy`` keeps it, ``dataclasses.replace`` starts without it."""
+
+    #: dotted key (or section) -> the recipe file or ``command line`` that set it; filled by
+    #: ``loader.build_config``, read by ``loader.config_source``. Empty (and read-only) for a
+    #: config built in code.
+    _key_sources: Mapping[str, str] = types.MappingProxyType({})
+
 
 @dataclass
-class RunConfig:
+class RunConfig(_KeySources):
     name: str = "run"
     run_dir: str = "runs/${name}"
     seed: int = 1234
@@ -224,169 +409,23 @@ class RunConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self, world_size: Optional[int] = None) -> None:
-        """Raise ``ConfigError`` for impossible combinations; ``world_size`` adds layout checks."""
-        m, p, t = self.model, self.parallel, self.training
+        """Raise ``ConfigError`` for impossible combinations; ``world_size`` adds layout checks.
 
-        def fail(key: str, msg: str) -> None:
-            raise ConfigError(msg, key=key, value=_get(self, key))
-
-        for key in (
-            "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
-            "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
-            "parallel.expert_model_parallel_size", "training.train_steps",
-            "training.micro_batch_size", "training.global_batch_size", "training.eval_steps",
-            "training.log_interval", "model.make_vocab_size_divisible_by",
-        ):
-            if _get(self, key) < 1:
-                fail(key, "must be a positive integer")
-        for key in ("training.eval_interval", "checkpoint.save_interval", "checkpoint.keep_last",
-                    "schedule.warmup_steps", "data.num_workers"):
-            if _get(self, key) < 0:
-                fail(key, "must be >= 0")
-        for key in ("model.ffn_hidden_size", "model.kv_channels", "model.moe_ffn_hidden_size"):
-            if _get(self, key) is not None and _get(self, key) < 1:
-                fail(key, "must be a positive integer (or null for the default)")
-        for key in ("model.rotary_base", "model.norm_epsilon", "model.init_method_std",
-                    "optimizer.adam_eps"):
-            if _get(self, key) <= 0:
-                fail(key, "must be positive")
-        for key in ("model.hidden_dropout", "model.attention_dropout", "optimizer.adam_beta1",
-                    "optimizer.adam_beta2"):
-            if not 0 <= _get(self, key) < 1:
-                fail(key, "must be in [0, 1)")
-        for key in ("optimizer.weight_decay", "optimizer.clip_grad", "model.moe_aux_loss_coeff"):
-            if _get(self, key) < 0:
-                fail(key, "must be >= 0")
-        if t.train_steps > 10**9:
-            fail("training.train_steps", "is absurd (more than 10^9 optimizer steps)")
-        if self.data.source == "demo" and self.data.demo_vocab_size < 300:
-            fail("data.demo_vocab_size", "must be >= 300 (the tokenizer needs its byte and "
-                                         "special pieces)")
-        if m.num_moe_experts is not None and m.num_moe_experts < 1:
-            fail("model.num_moe_experts", "must be a positive integer (or null for a dense model)")
-        if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-            fail("model.num_attention_heads",
-                 f"must divide model.hidden_size={m.hidden_size} (or set model.kv_channels)")
-        if m.num_query_groups is not None and (
-            m.num_query_groups < 1 or m.num_attention_heads % m.num_query_groups
-        ):
-            fail("model.num_query_groups",
-                 f"must divide model.num_attention_heads={m.num_attention_heads}")
-        tp = p.tensor_model_parallel_size
-        if m.num_attention_heads % tp:
-            fail("parallel.tensor_model_parallel_size",
-                 f"must divide model.num_attention_heads={m.num_attention_heads}")
-        if (m.num_query_groups or m.num_attention_heads) % tp:
-            fail("parallel.tensor_model_parallel_size",
-                 f"must divide model.num_query_groups={m.num_query_groups}")
-        if m.num_layers % p.pipeline_model_parallel_size:
-            fail("parallel.pipeline_model_parallel_size",
-                 f"must divide model.num_layers={m.num_layers}")
-        vp = p.virtual_pipeline_model_parallel_size
-        if vp is not None:
-            if p.pipeline_model_parallel_size < 2 or vp < 2:
-                fail("parallel.virtual_pipeline_model_parallel_size",
-                     "needs parallel.pipeline_model_parallel_size > 1 and a value > 1 (or null)")
-            if m.num_layers % (p.pipeline_model_parallel_size * vp):
-                fail("parallel.virtual_pipeline_model_parallel_size",
-                     f"pipeline x virtual stages must divide model.num_layers={m.num_layers}")
-        if p.context_parallel_size != 1:
-            fail("parallel.context_parallel_size",
-                 "context parallelism is not supported: TST folds labels into (B, L, s) bags "
-                 "before any sequence sharding, and megatron-tst does not shard the sequence "
-                 "across CP ranks yet; use tensor_model_parallel_size with sequence_parallel "
-                 "for long sequences, and set parallel.context_parallel_size=1")
-        if p.sequence_parallel and tp == 1:
-            fail("parallel.sequence_parallel", "needs parallel.tensor_model_parallel_size > 1")
-        if m.num_moe_experts is None:
-            if p.expert_model_parallel_size != 1:
-                fail("parallel.expert_model_parallel_size", "needs model.num_moe_experts to be set")
-        else:
-            if m.num_moe_experts % p.expert_model_parallel_size:
-                fail("parallel.expert_model_parallel_size",
-                     f"must divide model.num_moe_experts={m.num_moe_experts}")
-            if tp > 1 and not p.sequence_parallel:
-                fail("parallel.sequence_parallel", "megatron-core requires sequence parallelism "
-                     "for MoE with tensor parallelism: set parallel.sequence_parallel=true")
-            if not 1 <= m.moe_router_topk <= m.num_moe_experts:
-                fail("model.moe_router_topk", f"must be in [1, model.num_moe_experts={m.num_moe_experts}]")
-        if m.no_rope_freq is not None and (
-                m.no_rope_freq < 1 or m.num_layers % m.no_rope_freq or m.position_embedding != "rope"):
-            fail("model.no_rope_freq", f"must divide model.num_layers={m.num_layers} and needs "
-                                       "model.position_embedding=rope (or null)")
-        if m.vocab_size is not None and m.vocab_size < 1:
-            fail("model.vocab_size", "must be positive (or null to take the tokenizer's)")
-        if not 0.0 <= self.schedule.decay_fraction <= 1.0:
-            fail("schedule.decay_fraction", "must be in [0, 1]")
-        if self.optimizer.lr <= 0:
-            fail("optimizer.lr", "must be positive")
-        if not 0 <= self.schedule.final_lr <= self.optimizer.lr:
-            fail("schedule.final_lr", f"must be in [0, optimizer.lr={self.optimizer.lr}]")
-        decay = round(self.schedule.decay_fraction * t.train_steps)
-        if self.schedule.warmup_steps >= t.train_steps or self.schedule.warmup_steps + decay > t.train_steps:
-            fail("schedule.warmup_steps",
-                 f"warmup plus decay ({decay} steps) exceeds training.train_steps={t.train_steps}")
-        if self.data.source == "indexed":
-            if not self.data.train_paths:
-                fail("data.train_paths", "is empty: give indexed dataset prefixes or set data.source=demo")
-            if self.data.tokenizer.path is None:
-                fail("data.tokenizer.path", "is required when data.source=indexed")
-        w = self.data.train_weights
-        if w is not None and (len(w) != len(self.data.train_paths) or min(w) <= 0):
-            fail("data.train_weights", "needs one positive weight per entry of data.train_paths")
-        self._validate_tst()
-        if t.exit_at_step is not None and not 1 <= t.exit_at_step <= t.train_steps:
-            fail("training.exit_at_step", f"must be in [1, training.train_steps={t.train_steps}]")
-        from megatron_tst.training.signals import signal_number
-
-        if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
-            fail("training.time_limit_minutes", "must be positive (or null for no limit)")
-        if t.loss_spike_sigma < 0:
-            fail("training.loss_spike_sigma", "must be >= 0 (0 turns the detector off)")
-
-        for name in t.exit_signals:
-            try:
-                signal_number(name)
-            except ValueError as err:
-                fail("training.exit_signals", str(err))
-        for name in self.checkpoint.allow_changes:
-            if not _is_key_or_section(self, name):
-                fail("checkpoint.allow_changes", f"{name!r} is not a recipe key or section")
-        lo = self.checkpoint.load
-        if lo not in ("auto", "none") and not lo:
-            fail("checkpoint.load", "must be 'auto', 'none' or a checkpoint directory")
+        Each section checks its own keys, given the sections its checks read; a section comes
+        after those whose values it divides or compares with, so a config with one bad value
+        fails on that value's key (not on a check that only reads it).
+        """
+        self.model.validate()
+        self.parallel.validate(self.model)
+        self.data.validate()
+        self.training.validate()
+        self.optimizer.validate()
+        self.schedule.validate(self.training, self.optimizer)
+        self.tst.validate(self.training)
+        self.loss.validate(self.parallel)
+        self.checkpoint.validate(self)
         if world_size is not None:
             self.validate_layout(world_size)
-
-    def _validate_tst(self) -> None:
-        x, steps = self.tst, self.training.train_steps
-
-        def fail(key: str, msg: str) -> None:
-            raise ConfigError(msg, key=key, value=_get(self, key))
-
-        if x.bag_size < 1:
-            fail("tst.bag_size", "must be >= 1 (1 = standard training)")
-        if x.ratio is not None and x.superposition_steps is not None:
-            fail("tst.superposition_steps", "give tst.ratio or tst.superposition_steps, not both")
-        if x.ratio is not None and not 0.0 <= x.ratio <= 1.0:
-            fail("tst.ratio", "must be in [0, 1] (the paper recommends 0.2-0.4)")
-        if x.superposition_steps is not None and not 0 <= x.superposition_steps <= steps:
-            fail("tst.superposition_steps", f"must be in [0, training.train_steps={steps}]")
-        if x.bag_size > 1 and x.ratio is None and x.superposition_steps is None:
-            fail("tst.bag_size", "needs tst.ratio (or tst.superposition_steps) to say how long "
-                                 "the superposition phase lasts")
-        if x.weighting == "explicit":
-            if x.slot_weights is None or len(x.slot_weights) != x.bag_size:
-                fail("tst.slot_weights", f"needs one weight per slot (tst.bag_size={x.bag_size})")
-            if min(x.slot_weights) < 0 or sum(x.slot_weights) <= 0:
-                fail("tst.slot_weights", "must be non-negative with a positive sum")
-        elif x.slot_weights is not None:
-            fail("tst.slot_weights", "is only used with tst.weighting=explicit")
-        if x.weighting == "power_law" and x.power < 0:
-            fail("tst.power", "must be >= 0")
-        if self.loss.implementation == "reference" and self.parallel.tensor_model_parallel_size > 1:
-            fail("loss.implementation", "the reference loss needs full-vocabulary logits (TP=1); "
-                                        "use fused, chunked or triton")
 
     def validate_layout(self, world_size: int) -> None:
         p, t = self.parallel, self.training
@@ -427,3 +466,36 @@ def _get(cfg: object, dotted: str):
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def _fail(section: object, key: str, message: str) -> NoReturn:
+    """Raise the ``ConfigError`` for ``key`` of ``section``: ``key`` is the full dotted key
+    (``model.num_layers``, ``data.tokenizer.path``) whose first part names the section."""
+    raise ConfigError(message, key=key, value=_value(section, key))
+
+
+def _value(section: object, key: str) -> Any:
+    """The value of the full dotted ``key`` read from its ``section``."""
+    return _get(section, key.partition(".")[2])
+
+
+@dataclass(frozen=True)
+class _Range:
+    """A condition each of some keys' values must meet, and the error when one does not."""
+
+    ok: Callable[[Any], bool]
+    message: str
+
+    def check(self, section: object, *keys: str) -> None:
+        """Fail on the first of ``keys`` (full dotted keys of ``section``) not ``ok``."""
+        for key in keys:
+            if not self.ok(_value(section, key)):
+                _fail(section, key, self.message)
+
+
+_POSITIVE_INT = _Range(lambda v: v >= 1, "must be a positive integer")
+_POSITIVE_INT_OR_NULL = _Range(lambda v: v is None or v >= 1,
+                               "must be a positive integer (or null for the default)")
+_POSITIVE = _Range(lambda v: v > 0, "must be positive")
+_NON_NEGATIVE = _Range(lambda v: v >= 0, "must be >= 0")
+_FRACTION = _Range(lambda v: 0 <= v < 1, "must be in [0, 1)")

@@ -19,22 +19,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from megatron_tst.config.signals import signal_number
+
 if TYPE_CHECKING:
     import torch
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped early; resubmit (requeue) to continue
 FINISHED, PREEMPTED, STOPPED, FAILED = "finished", "preempted", "stopped", "failed"
 TIME_LIMIT = "time_limit"  # the stop reason when training.time_limit_minutes is reached
-
-
-def signal_number(name: str) -> int:
-    """``"SIGUSR1"`` or ``"USR1"`` -> its number; ValueError names the valid spellings."""
-    key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
-    try:
-        return int(signal.Signals[key])
-    except KeyError:
-        raise ValueError(f"unknown signal {name!r}; use names such as SIGTERM, SIGUSR1, "
-                         f"SIGUSR2, SIGINT") from None
 
 
 class ExitSignalHandler:

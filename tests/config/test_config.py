@@ -85,6 +85,17 @@ def test_wrong_types_are_rejected(recipe, override, expected):
     (["schedule.final_lr=1.0"], "schedule.final_lr"),
     (["data.source=indexed"], "data.train_paths"),
     (["training.exit_at_step=0"], "training.exit_at_step"),
+    # one bad value that checks of other sections read too: the error names its own key
+    (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size"),
+    (["model.num_attention_heads=0"], "model.num_attention_heads"),
+    (["training.train_steps=0"], "training.train_steps"),
+    (["optimizer.lr=-1"], "optimizer.lr"),
+    (["schedule.warmup_steps=-1"], "schedule.warmup_steps"),
+    (["model.num_moe_experts=1", "model.moe_router_topk=2"], "model.moe_router_topk"),
+    (["loss.implementation=reference", "parallel.tensor_model_parallel_size=2"],
+     "loss.implementation"),
+    (["checkpoint.load="], "checkpoint.load"),
+    (["data.demo_vocab_size=100"], "data.demo_vocab_size"),
 ])
 def test_impossible_combinations_fail_early(recipe, overrides, key):
     with pytest.raises(ConfigError) as err:
