@@ -13,37 +13,35 @@ from pathlib import Path
 
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.models.sizing import GiB, flops_per_step, memory_estimate, parameter_counts
-from megatron_tst.tst.schedule import PhaseSchedule
+from megatron_tst.plan import RunPlan
 
 
 def recipe_report(cfg: RunConfig, gpus: int) -> dict:
     """Figures for ``cfg`` on ``gpus`` GPUs (ConfigError if the layout does not fit)."""
-    from megatron_tst.models.gpt import padded_vocab_size  # imports torch: only when needed
-
-    cfg.validate_layout(gpus)
     m, p, t = cfg.model, cfg.parallel, cfg.training
     if m.vocab_size is None:
         raise ConfigError("inspect needs the vocabulary size: set model.vocab_size (the "
                           "tokenizer's) in the recipe or as an override",
                           key="model.vocab_size", value=None)
-    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by,
-                              p.tensor_model_parallel_size)
+    plan = RunPlan.build(cfg, gpus, vocab_size=m.vocab_size)
+    sched, stream, lay, vocab = plan.schedule, plan.stream, plan.layout, plan.padded_vocab_size
     counts = parameter_counts(cfg, vocab)
-    sched = PhaseSchedule.from_config(cfg)
     positions = t.global_batch_size * m.seq_length
     flops = flops_per_step(cfg, vocab)
     mem = memory_estimate(cfg, vocab, gpus)
-    dp = cfg.data_parallel_size(gpus)
     phases = []
     if sched.is_tst:
-        phases.append({"phase": "superposition", "bag_size": sched.bag_size,
+        phase = sched.phase(0)
+        phases.append({"phase": phase.name, "bag_size": phase.bag_size,
                        "steps": [1, sched.superposition_steps],
-                       "data_tokens_per_step": positions * sched.bag_size,
+                       "data_tokens_per_step": stream.step_tokens(phase),
                        "positions_per_step": positions})
     if sched.superposition_steps < t.train_steps:
-        phases.append({"phase": "recovery" if sched.is_tst else "standard", "bag_size": 1,
+        phase = sched.phase(t.train_steps - 1)
+        phases.append({"phase": phase.name, "bag_size": phase.bag_size,
                        "steps": [sched.superposition_steps + 1, t.train_steps],
-                       "data_tokens_per_step": positions, "positions_per_step": positions})
+                       "data_tokens_per_step": stream.step_tokens(phase),
+                       "positions_per_step": positions})
     return {
         "name": cfg.name,
         "model": {"layers": m.num_layers, "hidden": m.hidden_size,
@@ -57,12 +55,11 @@ def recipe_report(cfg: RunConfig, gpus: int) -> dict:
                        "embedding": counts.embedding, "output": counts.output,
                        "non_embedding": counts.non_embedding,
                        "active_non_embedding": counts.active - counts.embedding - counts.output},
-        "layout": {"gpus": gpus, "tp": p.tensor_model_parallel_size,
-                   "pp": p.pipeline_model_parallel_size, "dp": dp,
-                   "ep": p.expert_model_parallel_size, "sequence_parallel": p.sequence_parallel,
+        "layout": {"gpus": gpus, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
+                   "sequence_parallel": p.sequence_parallel,
                    "distributed_optimizer": p.use_distributed_optimizer,
-                   "micro_batch_size": t.micro_batch_size,
-                   "microbatches_per_step": t.global_batch_size // (t.micro_batch_size * dp)},
+                   "micro_batch_size": lay.micro_batch_size,
+                   "microbatches_per_step": lay.num_microbatches},
         "flops_per_step": flops, "flops_per_step_per_gpu": flops / gpus,
         "run_flops": flops * t.train_steps,
         "phases": phases,
@@ -118,16 +115,11 @@ def format_recipe_report(r: dict, source: str) -> str:
 
 
 def checkpoint_report(path: Path) -> dict:
-    from megatron_tst.training.checkpoint import latest_checkpoint, load_common
+    from megatron_tst.training.saved import open_checkpoint
 
-    if (path / "latest").is_file():
-        path = latest_checkpoint(path)
-    if not (path / "metadata.json").is_file():
-        raise ConfigError(f"{path} is neither a recipe (.yaml) nor a megatron-tst checkpoint "
-                          f"(no metadata.json)")
-    common = load_common(path)
-    return {"path": str(path), "train_state": common["train_state"],
-            "scheduler": common["scheduler"], "run_config": common["run_config"]}
+    saved = open_checkpoint(path)
+    return {"path": str(saved.path), "train_state": saved.train_state,
+            "scheduler": saved.scheduler, "run_config": saved.run_config}
 
 
 def run_inspect(args) -> int:

@@ -1,19 +1,13 @@
-"""``CheckpointError``, ``ExportError``: bad input to ``export`` and ``eval``, one paragraph each.
+"""``ExportError``: a readable checkpoint that cannot be exported as asked, one paragraph.
 
-Both are ``InputError``s, so the CLI prints them as ``megatron-tst: <kind>: <message>`` and exits
-with status 2, like a bad recipe.
+An ``InputError``, so the CLI prints it as ``megatron-tst: export error: <message>`` and exits with
+status 2, like a bad recipe. A checkpoint that cannot be read at all is a ``CheckpointError``
+(``training/saved.py``).
 """
 
 from __future__ import annotations
 
 from megatron_tst.config.errors import InputError
-
-
-class CheckpointError(InputError):
-    """The path is not a checkpoint this megatron-tst can read (missing, incomplete, unknown
-    format, or its tokenizer cannot be found)."""
-
-    kind = "checkpoint error"
 
 
 class ExportError(InputError):

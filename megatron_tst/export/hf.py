@@ -47,9 +47,11 @@ import torch
 
 from megatron_tst.config import RunConfig
 from megatron_tst.export.errors import ExportError
-from megatron_tst.export.source import (SavedCheckpoint, TokenizerLocation, build_models,
-                                        checkpoint_config, find_tokenizer, load_model_weights,
-                                        megatron_state, read_checkpoint, vocab_sizes)
+from megatron_tst.export.source import (TokenizerLocation, build_models, checkpoint_config,
+                                        find_tokenizer, load_model_weights, megatron_state,
+                                        vocab_sizes)
+from megatron_tst.plan import RunPlan
+from megatron_tst.training.saved import SavedCheckpoint, open_checkpoint
 from megatron_tst.export.tokenizer import TokenizerIds, check_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -269,18 +271,19 @@ def hf_config(cfg: RunConfig, arch: Architecture, vocab: int, ids: TokenizerIds,
 
 # ------------------------------------------------------------------------------------ export
 @contextlib.contextmanager
-def one_process_model(target: str | Path):
-    """(saved checkpoint, config, model, vocabulary) of checkpoint ``target`` built in this
-    process with TP=PP=EP=1 and its weights loaded: what the export converts, and the
-    megatron-core forward that the exported model must reproduce."""
+def one_process_model(target: str | Path | SavedCheckpoint):
+    """(saved checkpoint, config, model, vocabulary) of checkpoint ``target`` (or one already
+    opened) built in this process with TP=PP=EP=1 and its weights loaded: what the export
+    converts, and the megatron-core forward that the exported model must reproduce."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ExportError("export runs as one process: run `megatron-tst export ...` without "
                           "torchrun (the checkpoint reshards from any layout on load)")
-    saved = read_checkpoint(target)
+    saved = target if isinstance(target, SavedCheckpoint) else open_checkpoint(target)
     cfg = export_config(saved)
     vocab, padded = vocab_sizes(saved)
     with megatron_state(cfg):
-        models, _ = build_models(cfg, padded, half_precision_wrapper=False)
+        plan = RunPlan.build(cfg).with_vocab(vocab, padded=padded)
+        models, _ = build_models(plan, half_precision_wrapper=False)
         load_model_weights(saved.path, models)
         yield saved, cfg, models[0], vocab
 
@@ -367,7 +370,7 @@ def export_checkpoint(target: str | Path, outdir: str | Path, *, force: bool = F
                       tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                       keep_vocab_padding: bool = False, check: bool = False) -> ExportResult:
     """Export checkpoint ``target`` (a step directory or a checkpoint root) into ``outdir``."""
-    saved = read_checkpoint(target)
+    saved = open_checkpoint(target)
     cfg = export_config(saved)
     arch = choose_architecture(cfg)
     dtype = dtype or cfg.model.params_dtype
@@ -385,7 +388,7 @@ def export_checkpoint(target: str | Path, outdir: str | Path, *, force: bool = F
                               f"the model was trained with a vocabulary of {vocab:,}: it is not "
                               f"the run's tokenizer; pass the right one with --tokenizer")
         out_vocab = padded if keep_vocab_padding else vocab
-        with one_process_model(saved.path) as (_, _, model, _):
+        with one_process_model(saved) as (_, _, model, _):
             tensors = convert_weights(cfg, arch, model.state_dict(), out_vocab)
             tensors = {k: v.to("cpu", DTYPE_NAMES[dtype]).contiguous() for k, v in tensors.items()}
             _save_weights(tensors, tmp)

@@ -75,6 +75,7 @@ def test_eval_max_tokens_and_superposition_warning(dense_run, synthetic_data):
                             max_tokens=100)
     assert r["tokens"] == 100 and r["windows"] == 4
     assert r["phase"] == "superposition" and "not a next-token model" in r["warnings"][0]
+    assert "(bags of 2 tokens)" in r["warnings"][0]  # the run's s, from the train state
 
 
 @pytest.mark.slow

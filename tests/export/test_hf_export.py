@@ -97,7 +97,8 @@ def test_superposition_checkpoint_exports_with_a_warning(dense_run, tmp_path, ca
     assert "superposition phase" in res.err and "not a next-token model" in res.err
     assert "LlamaForCausalLM" in res.out and "max |logit difference|" in res.out
     info = json.loads((out / "megatron_tst_export.json").read_text())
-    assert info["phase"] == "superposition" and info["step"] == 1
+    assert info["phase"] == "superposition" and info["step"] == 1 and info["bag_size"] == 2
+    assert "(bags of 2 tokens)" in res.err
     assert info["max_abs_logit_diff"] < 1e-4
 
 

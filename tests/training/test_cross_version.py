@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_tst import mcore
-from megatron_tst.training.checkpoint import saved_megatron_core
+from megatron_tst.training.saved import saved_megatron_core
 from tests.conftest import read_metrics, run_cli, write_tiny_recipe
 from tests.fixtures.make_checkpoints import FIXTURES, SAVED_STEPS, TST, data_files
 
