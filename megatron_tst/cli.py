@@ -23,10 +23,13 @@ def _cmd_train(args) -> int:
 
     # Bad recipes and bad data fail here, in about a second: before megatron-core is imported and
     # before any process group exists (every rank runs the same checks on the same files).
-    cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    cfg = load_config(args.config, args.overrides, world_size=world_size)
     from megatron_tst.data.build import check_run_data
+    from megatron_tst.plan import RunPlan
 
-    check_run_data(cfg)
+    plan = RunPlan.build(cfg, world_size)
+    check_run_data(cfg, plan.stream)
 
     from megatron_tst.training.distributed import destroy_distributed
     from megatron_tst.training.faults import EXIT_NONFINITE
@@ -34,7 +37,7 @@ def _cmd_train(args) -> int:
     from megatron_tst.training.trainer import train
 
     try:
-        result = train(cfg)
+        result = train(cfg, plan)
     finally:
         destroy_distributed()
     _print_summary(cfg, result)

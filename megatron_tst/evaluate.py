@@ -41,7 +41,9 @@ from megatron_tst.config import ConfigError
 from megatron_tst.data.errors import DataError
 from megatron_tst.export.source import (build_models, checkpoint_config, find_tokenizer,
                                         load_model_weights, megatron_state, open_run_tokenizer,
-                                        read_checkpoint, vocab_sizes)
+                                        vocab_sizes)
+from megatron_tst.plan import RunPlan
+from megatron_tst.training.saved import open_checkpoint
 
 #: overrides eval accepts (the model itself is the checkpoint's)
 ALLOWED_OVERRIDES = ("parallel.", "training.micro_batch_size=", "model.transformer_impl=",
@@ -138,9 +140,8 @@ def evaluate_checkpoint(target: str | Path, *, data: Optional[str] = None,
     """Evaluate ``target`` on ``data`` (indexed prefix) or ``text`` (file) in the layout of
     this process group; the figures on the last rank (None on the others)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_tst.training.step import make_forward_step, reduce_loss
+    from megatron_tst.training.step import PipelineRunner, make_forward_step, reduce_loss
 
     overrides = list(overrides)
     for item in overrides:
@@ -152,7 +153,7 @@ def evaluate_checkpoint(target: str | Path, *, data: Optional[str] = None,
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError("must be at least 1", key="--max-tokens", value=max_tokens)
     tic = time.time()
-    saved = read_checkpoint(target)
+    saved = open_checkpoint(target)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # One process: TP=PP=EP=1; under torchrun: the run's layout (both: unless overridden).
     parallel = {} if world == 1 else {k: v for k, v in saved.run_config.get("parallel", {}).items()
@@ -169,28 +170,21 @@ def evaluate_checkpoint(target: str | Path, *, data: Optional[str] = None,
     stream = (read_indexed(data, run_tokenizer, max_tokens) if data is not None
               else read_text(text, run_tokenizer, max_tokens))
     with megatron_state(cfg) as env:
-        models, modules = build_models(cfg, padded)
+        plan = RunPlan.build(cfg, world).with_vocab(vocab, padded=padded)
+        models, modules = build_models(plan)
         load_model_weights(saved.path, models)
-        L, mbs = cfg.model.seq_length, cfg.training.micro_batch_size
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        microbatches = cfg.training.global_batch_size // (mbs * dp)
+        L, layout = cfg.model.seq_length, plan.layout.batch_layout(ps.get_data_parallel_rank())
         windows = math.ceil((len(stream.tokens) - 1) / L)
-        per_call = microbatches * mbs * dp
-        forward_backward = get_forward_backward_func()
+        run = PipelineRunner(modules, seq_length=L, micro_batch_size=layout.micro_batch_size,
+                             num_microbatches=layout.num_microbatches)
         forward_step = make_forward_step(env.device)
         loss_dicts = []
-        with torch.no_grad():
-            for call in range(math.ceil(windows / per_call)):
-                first = call * per_call + dp_rank * microbatches * mbs
-                batches = [window_batch(stream.tokens, first + i * mbs, mbs, L)
-                           for i in range(microbatches)]
-                iterators = [iter(batches) for _ in modules]
-                loss_dicts += forward_backward(
-                    forward_step_func=forward_step,
-                    data_iterator=iterators[0] if len(iterators) == 1 else iterators,
-                    model=modules if len(modules) > 1 else modules[0],
-                    num_microbatches=microbatches, seq_length=L, micro_batch_size=mbs,
-                    forward_only=True)
+        with torch.no_grad():  # window k is sample k: each call reads one global batch of them
+            for first in range(0, windows, layout.global_batch_size):
+                batches = [window_batch(stream.tokens, indices[0], len(indices), L)
+                           for indices in layout.microbatch_indices(first)]
+                loss_dicts += run(forward_step, run.iterators(lambda: iter(batches)),
+                                  forward_only=True)
         loss = reduce_loss(loss_dicts)
         if not env.is_logging_rank:
             return None
@@ -206,8 +200,8 @@ def evaluate_checkpoint(target: str | Path, *, data: Optional[str] = None,
             "bits_per_byte": total / math.log(2) / stream.num_bytes if stream.num_bytes else None,
             "layout": {"tp": cfg.parallel.tensor_model_parallel_size,
                        "pp": cfg.parallel.pipeline_model_parallel_size,
-                       "ep": cfg.parallel.expert_model_parallel_size, "dp": dp,
-                       "micro_batch_size": mbs},
+                       "ep": cfg.parallel.expert_model_parallel_size, "dp": plan.layout.dp,
+                       "micro_batch_size": layout.micro_batch_size},
             "vocab_size": vocab, "padded_vocab_size": padded,
             "wall_time_s": time.time() - tic,
             "warnings": [w for w in [saved.phase_warning()] if w],

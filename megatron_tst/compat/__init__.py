@@ -19,7 +19,7 @@ from megatron_tst import mcore
 
 from . import cuda_stubs, device, megatron_patches
 
-__all__ = ["Patch", "PATCHES", "apply_cpu_compat", "cpu_compat_active"]
+__all__ = ["Patch", "PATCHES", "apply_cpu_compat", "cpu_compat_active", "cpu_model_settings"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,12 @@ def apply_cpu_compat(exclude: Iterable[str] = ()) -> list[str]:
             patch.apply()
             _applied.append(name)
     return [name for name in PATCHES if name in _applied]
+
+
+def cpu_model_settings() -> dict:
+    """``TransformerConfig`` fields a run without CUDA sets (the GPU path keeps megatron's
+    defaults, ``False`` and ``True``): weights are initialised on the CPU, and pipeline sends and
+    receives are not batched. gloo runs batched p2p ops as independent ops matched in posting
+    order; with 2 stages the previous and next rank are the same, and the interleaved schedule's
+    forward and backward messages then cross. Unbatched p2p orders them."""
+    return {"use_cpu_initialization": True, "batch_p2p_comm": False}

@@ -3,7 +3,7 @@
 ``data.source: demo`` prepares the bundled corpus (rank 0, cached under ``<run_dir>/data``);
 ``data.source: indexed`` reads indexed datasets written by ``megatron-tst preprocess``.
 
-``check_run_data(cfg)`` runs every check of the tokenizer and the indexed datasets that needs
+``check_run_data(cfg, stream)`` runs every check of the tokenizer and the indexed datasets that needs
 neither a process group nor megatron-core (``megatron_tst.data.checks``): ``megatron-tst train``
 calls it first, so bad data fails in about a second, before the run starts. ``build_run_data``
 runs the same checks (for runs started from Python, and for the demo corpus), builds megatron's
@@ -12,7 +12,6 @@ datasets, checks their sizes, and checks the token ids of every sample it hands 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,7 @@ from megatron_tst.data.checks import (VALID_SPLIT, DataSource, IndexedFiles, Sam
                                       SplitPart, check_split, check_token_ids, read_index,
                                       split_bounds)
 from megatron_tst.data.errors import DataError
+from megatron_tst.data.stream import DataStream
 
 
 @dataclass
@@ -30,18 +30,6 @@ class RunData:
     tokenizer: object
     train: object  # GPTDataset (or blend), wrapped in a TokenIdCheck
     valid: object
-
-
-def run_sample_counts(cfg: RunConfig) -> tuple[int, int, int]:
-    """(sequence length of a dataset sample, train samples, valid samples) a run asks for: the
-    dataset holds chunks of ``c * L`` tokens (c = s in a TST run, else 1), see the trainer."""
-    from megatron_tst.tst.schedule import PhaseSchedule
-
-    t, L = cfg.training, cfg.model.seq_length
-    sched = PhaseSchedule.from_config(cfg)
-    c = sched.chunk_tokens_factor
-    total_units = sched.data_tokens(t.train_steps, t.global_batch_size, L) // L
-    return c * L, math.ceil(total_units / c), t.eval_steps * t.global_batch_size
 
 
 def resolve_data_paths(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
@@ -148,11 +136,9 @@ def _split_parts(cfg: RunConfig, train: list[IndexedFiles], valid: list[IndexedF
     return train_parts, valid_parts
 
 
-def _check(cfg: RunConfig, tokenizer, tok_path: str, train_paths: list[str],
-           valid_paths: list[str], sequence_length: int, num_train_samples: int,
-           num_valid_samples: int) -> None:
-    shape = SampleShape(cfg.model.seq_length, sequence_length // cfg.model.seq_length,
-                        cfg.training.train_steps)
+def _check(cfg: RunConfig, stream: DataStream, tokenizer, tok_path: str,
+           train_paths: list[str], valid_paths: list[str]) -> None:
+    shape = SampleShape(stream.seq_length, stream.data_chunk, cfg.training.train_steps)
     try:
         train = [read_index(s) for s in _sources(cfg, train_paths, "data.train_paths")]
         valid = [read_index(s) for s in _sources(cfg, valid_paths, "data.valid_paths")]
@@ -160,7 +146,7 @@ def _check(cfg: RunConfig, tokenizer, tok_path: str, train_paths: list[str],
         for files in train + valid:
             check_token_ids(files, tokenizer.vocab_size, name)
         train_parts, valid_parts = _split_parts(cfg, train, valid)
-        check_split(train_parts, weights=cfg.data.train_weights, num_samples=num_train_samples,
+        check_split(train_parts, weights=cfg.data.train_weights, num_samples=stream.train_chunks,
                     shape=shape, needs_all_samples=True,
                     size_fix="give data.train_weights (a weighted blend repeats each dataset as "
                              "needed), more data, or fewer training.train_steps")
@@ -168,13 +154,13 @@ def _check(cfg: RunConfig, tokenizer, tok_path: str, train_paths: list[str],
                      "or set training.eval_interval=0" if valid else
                      "give a held-out dataset in data.valid_paths, or more documents")
         check_split(valid_parts, weights=None if valid else cfg.data.train_weights,
-                    num_samples=num_valid_samples, shape=shape,
+                    num_samples=stream.valid_chunks, shape=shape,
                     needs_all_samples=cfg.training.eval_interval > 0, size_fix=valid_fix)
     except DataError as err:
         raise err.with_source(config_source(cfg, err.key)) from None
 
 
-def check_run_data(cfg: RunConfig) -> None:
+def check_run_data(cfg: RunConfig, stream: DataStream) -> None:
     """Every data check that needs no process group: the tokenizer loads, each indexed dataset is
     whole and made with it, and each split can give the samples the run asks for. Indexed data
     only (the demo corpus is prepared, then checked, inside the run). Raises ``ConfigError`` or
@@ -182,19 +168,19 @@ def check_run_data(cfg: RunConfig) -> None:
     if cfg.data.source != "indexed":
         return
     tokenizer = load_run_tokenizer(cfg, light=True)
-    sequence_length, num_train, num_valid = run_sample_counts(cfg)
-    _check(cfg, tokenizer, cfg.data.tokenizer.path, list(cfg.data.train_paths),
-           list(cfg.data.valid_paths), sequence_length, num_train, num_valid)
+    _check(cfg, stream, tokenizer, cfg.data.tokenizer.path, list(cfg.data.train_paths),
+           list(cfg.data.valid_paths))
 
 
-def build_run_data(cfg: RunConfig, *, sequence_length: int, num_train_samples: int,
-                   num_valid_samples: int) -> RunData:
+def build_run_data(cfg: RunConfig, stream: DataStream) -> RunData:
+    """The tokenizer and megatron's datasets of ``stream.chunk_tokens``-token samples, checked."""
     from megatron_tst.data.datasets import TokenIdCheck, build_gpt_datasets
 
     tok_path, train_paths, valid_paths = resolve_data_paths(cfg)
     tokenizer = load_run_tokenizer(cfg, tok_path)
-    _check(cfg, tokenizer, tok_path, train_paths, valid_paths, sequence_length,
-           num_train_samples, num_valid_samples)
+    _check(cfg, stream, tokenizer, tok_path, train_paths, valid_paths)
+    sequence_length = stream.chunk_tokens
+    num_train_samples, num_valid_samples = stream.train_chunks, stream.valid_chunks
     train, valid = build_gpt_datasets(
         train_paths=train_paths, train_weights=cfg.data.train_weights, valid_paths=valid_paths,
         tokenizer=tokenizer, sequence_length=sequence_length, seed=cfg.seed,

@@ -296,22 +296,22 @@ class SplitPart:
 
 @dataclass(frozen=True)
 class SampleShape:
-    """What one dataset sample is: ``chunk`` x ``model.seq_length`` tokens (chunk = tst.bag_size
-    in a TST run, else 1), plus one for the last label."""
+    """What one dataset sample is: ``data_chunk`` x ``model.seq_length`` tokens (data_chunk =
+    tst.bag_size in a TST run, else 1, see ``data/stream.py``), plus one for the last label."""
 
     seq_length: int
-    chunk: int
+    data_chunk: int
     train_steps: int
 
     @property
     def tokens(self) -> int:
-        return self.seq_length * self.chunk
+        return self.seq_length * self.data_chunk
 
     @property
     def text(self) -> str:
-        if self.chunk == 1:
+        if self.data_chunk == 1:
             return f"model.seq_length={self.seq_length:,}"
-        return (f"model.seq_length x tst.bag_size = {self.seq_length:,} x {self.chunk} = "
+        return (f"model.seq_length x tst.bag_size = {self.seq_length:,} x {self.data_chunk} = "
                 f"{self.tokens:,}")
 
 
@@ -336,7 +336,7 @@ def check_split(parts: Sequence[SplitPart], *, weights: Optional[Sequence[float]
             raise DataError(
                 f"{part.what} {src.name} holds {tokens:,} tokens, fewer than one sample needs "
                 f"({shape.text}, plus 1 = {need:,}); lower model.seq_length"
-                f"{' (or tst.bag_size)' if shape.chunk > 1 else ''}, or give more data",
+                f"{' (or tst.bag_size)' if shape.data_chunk > 1 else ''}, or give more data",
                 key="model.seq_length", value=shape.seq_length)
     steps_fix = f"lower training.train_steps or give more data"
     if len(parts) > 1 and weights is None:

@@ -101,32 +101,6 @@ class MicrobatchSampler:
             step += 1
 
 
-class ChunkView(torch.utils.data.Dataset):
-    """Samples of ``k`` consecutive sequence lengths cut from a dataset of ``c``-length chunks.
-
-    The run's dataset holds chunks of ``c * L`` tokens (``c`` = the bag size in a TST run, else
-    1). The superposition phase reads whole chunks (``k = c``); the recovery phase reads each
-    chunk as ``c`` consecutive ``L``-token samples (``k = 1``). Both walk the same shuffled chunk
-    order, so a position in the stream is one number, in units of ``L`` tokens, in either phase.
-    """
-
-    def __init__(self, chunks, chunk_units: int, units: int):
-        if chunk_units % units:
-            raise ValueError(f"a {units}-unit sample does not tile a {chunk_units}-unit chunk")
-        self.chunks, self.per_chunk, self.units = chunks, chunk_units // units, units
-
-    def __len__(self) -> int:
-        return len(self.chunks) * self.per_chunk
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.chunks[index // self.per_chunk]
-        if self.per_chunk == 1:
-            return {k: sample[k] for k in ("tokens", "labels", "loss_mask")}
-        n = len(sample["tokens"]) // self.per_chunk
-        part = slice((index % self.per_chunk) * n, (index % self.per_chunk + 1) * n)
-        return {k: sample[k][part] for k in ("tokens", "labels", "loss_mask")}
-
-
 class TokenIdCheck(torch.utils.data.Dataset):
     """A dataset whose every sample is checked to hold token ids in ``[0, vocab_size)``.
 

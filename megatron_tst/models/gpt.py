@@ -7,68 +7,18 @@ megatron-core's local spec otherwise (CPU machines, or ``model.transformer_impl:
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron_tst.config import ConfigError, RunConfig
+from megatron_tst.config import RunConfig
+from megatron_tst.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's rule: pad so every TP shard of the embedding has the same, aligned width."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-@functools.lru_cache(maxsize=None)
-def transformer_engine_available() -> bool:
-    """TE is used only where it imports and a CUDA device is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-        from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
-    except Exception:  # a broken TE install must not take the run down
-        return False
-    return bool(HAVE_TE)
-
-
-def resolve_transformer_impl(cfg: RunConfig) -> str:
-    impl = cfg.model.transformer_impl
-    if impl == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
-    if impl == "transformer_engine" and not transformer_engine_available():
-        raise ConfigError("transformer-engine is not importable (or no CUDA device): install the "
-                          "'gpu' extra inside the NGC image, or set model.transformer_impl=local",
-                          key="model.transformer_impl", value=impl)
-    return impl
-
-
-def resolve_loss_impl(cfg: RunConfig) -> str:
-    """``loss.implementation`` resolved for this machine: ``auto`` is triton on CUDA with Triton
-    importable, else fused; ``triton`` without them runs the same function as ``chunked`` (so that
-    a GPU run's checkpoint still evaluates and exports on a CPU machine), with a warning."""
-    impl = cfg.loss.implementation
-    if impl in ("auto", "triton"):
-        try:
-            import triton  # noqa: F401
-            ok = torch.cuda.is_available()
-        except Exception:
-            ok = False
-        if impl == "auto":
-            return "triton" if ok else "fused"
-        if not ok:
-            log.warning("loss.implementation=triton needs a CUDA device and Triton; using the "
-                        "chunked PyTorch implementation of the same loss")
-            return "chunked"
-    return impl
 
 
 def build_transformer_config(cfg: RunConfig):
@@ -76,7 +26,11 @@ def build_transformer_config(cfg: RunConfig):
 
     m, p = cfg.model, cfg.parallel
     dtype = DTYPES[m.params_dtype]
-    on_cpu = not torch.cuda.is_available()
+    cpu_settings = {}
+    if not torch.cuda.is_available():
+        from megatron_tst.compat import cpu_model_settings
+
+        cpu_settings = cpu_model_settings()
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -103,7 +57,6 @@ def build_transformer_config(cfg: RunConfig):
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
-        use_cpu_initialization=on_cpu,
         num_moe_experts=m.num_moe_experts,
         moe_router_topk=m.moe_router_topk,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
@@ -112,10 +65,7 @@ def build_transformer_config(cfg: RunConfig):
         moe_grouped_gemm=m.moe_grouped_gemm,
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
         deallocate_pipeline_outputs=True,
-        # gloo (CPU) runs batched pipeline sends/receives as independent ops matched in posting
-        # order; with 2 stages the previous and next rank are the same, and the interleaved
-        # schedule's forward and backward messages then cross. Unbatched p2p orders them.
-        batch_p2p_comm=not on_cpu,
+        **cpu_settings,
     )
 
 
@@ -146,50 +96,44 @@ def build_layer_spec(cfg: RunConfig, impl: str):
                                       layer_norm=SequenceParallelTorchNorm)
 
 
-def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
-    """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
-    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+def build_model_chunks(cfg: RunConfig, plan: RunPlan) -> list:
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving), with
+    the plan's padded vocabulary."""
+    vp, vocab_size = cfg.parallel.virtual_pipeline_model_parallel_size, plan.padded_vocab_size
     if vp is None:
-        return [build_model(cfg, vocab_size)]
+        return [build_model(cfg, vocab_size, plan=plan)]
     from megatron.core import parallel_state as ps
 
-    return [build_model(cfg, vocab_size, vp_stage=i,
+    return [build_model(cfg, vocab_size, plan=plan, vp_stage=i,
                         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i))
             for i in range(vp)]
 
 
-def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: Optional[bool] = None,
-                post_process: Optional[bool] = None, vp_stage: Optional[int] = None):
-    """One model chunk for this pipeline stage (parallel_state must be initialised).
-
-    A run with a superposition phase, or with a fused-linear loss (``loss.implementation``
-    chunked / triton), gets ``TSTGPTModel`` (same parameters, also takes bags).
-    """
+def build_model(cfg: RunConfig, vocab_size: int, *, plan: Optional[RunPlan] = None,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                vp_stage: Optional[int] = None):
+    """One model chunk of ``vocab_size`` (padded) rows for this pipeline stage (parallel_state
+    must be initialised). The plan (default: ``cfg``'s) says which model class
+    (``RunPlan.bag_model``: ``TSTGPTModel``, same parameters, also takes bags), the slot weights
+    and the transformer and loss implementations."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_tst.tst.schedule import PhaseSchedule
-
-    impl = resolve_transformer_impl(cfg)
+    plan = plan or RunPlan.build(cfg)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     cls, extra = GPTModel, {}
-    loss_impl = resolve_loss_impl(cfg)
-    # The fused-linear losses (LM head inside the loss) need TSTGPTModel in standard runs too.
-    if PhaseSchedule.from_config(cfg).is_tst or loss_impl in ("chunked", "triton"):
-        from megatron_tst.tst.loss import slot_weights
+    if plan.bag_model:
         from megatron_tst.tst.model import TSTGPTModel
 
-        x = cfg.tst
         cls = TSTGPTModel
-        extra = dict(slot_weights=slot_weights(x.bag_size, x.weighting, x.power, x.slot_weights),
-                     loss_impl=loss_impl)
+        extra = dict(slot_weights=plan.slot_weights, loss_impl=plan.loss_impl)
     model = cls(
         config=build_transformer_config(cfg),
-        transformer_layer_spec=build_layer_spec(cfg, impl),
+        transformer_layer_spec=build_layer_spec(cfg, plan.transformer_impl),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,
         pre_process=pre_process,

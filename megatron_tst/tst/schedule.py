@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_tst.config import RunConfig
-
 SUPERPOSITION, RECOVERY, STANDARD = "superposition", "recovery", "standard"
 
 
@@ -27,18 +25,14 @@ class PhaseSchedule:
     bag_size: int
     superposition_steps: int
 
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> "PhaseSchedule":
-        t = cfg.training.train_steps
-        return cls(t, cfg.tst.bag_size, cfg.tst.num_superposition_steps(t))
-
     @property
     def is_tst(self) -> bool:
         return self.bag_size > 1 and self.superposition_steps > 0
 
     @property
-    def chunk_tokens_factor(self) -> int:
-        """Data samples are read in chunks of this many sequence lengths (s, or 1 without TST)."""
+    def data_chunk(self) -> int:
+        """The data stream is cut in chunks of this many sequence lengths (s, or 1 without TST):
+        see ``data/stream.py``."""
         return self.bag_size if self.is_tst else 1
 
     def phase(self, step: int) -> Phase:

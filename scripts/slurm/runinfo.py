@@ -80,9 +80,9 @@ def main(argv: list[str]) -> int:
     elif cmd == "train-steps":
         print(cfg.training.train_steps)
     else:
-        from megatron_tst.tst.schedule import PhaseSchedule
+        from megatron_tst.plan import schedule_for
 
-        sched = PhaseSchedule.from_config(cfg)
+        sched = schedule_for(cfg)
         if not sched.is_tst or not sched.superposition_steps:
             raise SystemExit(f"runinfo.py: {rest[0]} is not a TST run (tst.bag_size="
                              f"{cfg.tst.bag_size}); there is no superposition phase to split off")

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from megatron_tst.config.loader import load_config
-from megatron_tst.data.build import check_run_data, run_sample_counts
+from megatron_tst.data.build import check_run_data
 from megatron_tst.data.checks import (DTYPE_CODES, INDEX_HEADER, DataSource, SampleShape,
                                       SplitPart, check_split, check_token_ids, read_index,
                                       samples_per_epoch, split_bounds)
 from megatron_tst.data.errors import DataError
+from megatron_tst.plan import RunPlan
 
 
 def test_format_constants_are_megatrons():
@@ -96,7 +97,7 @@ def test_a_200_gb_corpus_is_checked_in_bounded_time(tmp_path):
     tic = time.perf_counter()
     files = read_index(DataSource(str(prefix), "data.train_paths[0]"))
     check_token_ids(files, 32_000, "the tokenizer")
-    shape = SampleShape(seq_length=4096, chunk=1, train_steps=20_000)
+    shape = SampleShape(seq_length=4096, data_chunk=1, train_steps=20_000)
     check_split([SplitPart(files, 0, files.num_sequences, "the training data")], weights=None,
                 num_samples=20_000 * 512, shape=shape, needs_all_samples=True, size_fix="")
     assert time.perf_counter() - tic < 5.0
@@ -108,7 +109,7 @@ def test_absurd_runs_are_refused_before_megatron_counts_epochs(tmp_path):
     _sparse_corpus(prefix, 10, 100)
     files = read_index(DataSource(str(prefix), "data.train_paths[0]"))
     part = SplitPart(files, 0, 10, "the training data")
-    shape = SampleShape(seq_length=32, chunk=1, train_steps=10**9)
+    shape = SampleShape(seq_length=32, data_chunk=1, train_steps=10**9)
     with pytest.raises(DataError, match="passes over its 1,000 tokens"):
         check_split([part], weights=None, num_samples=10**9, shape=shape,
                     needs_all_samples=True, size_fix="")
@@ -127,8 +128,9 @@ def test_good_runs_pass_the_checks(tiny_recipe, synthetic_data, tmp_path):
                       ["training.eval_interval=0", f"data.valid_paths=[{v},{v}]",
                        "training.eval_steps=1000"]):
         cfg = load_config(tiny_recipe, overrides)
-        check_run_data(cfg)
-        assert run_sample_counts(cfg)[0] == cfg.model.seq_length * (
+        stream = RunPlan.build(cfg).stream
+        check_run_data(cfg, stream)
+        assert stream.chunk_tokens == cfg.model.seq_length * (
             cfg.tst.bag_size if cfg.tst.ratio else 1)
 
 
@@ -140,7 +142,8 @@ def test_errors_name_the_recipe_file_key_and_value(tiny_recipe, synthetic_data, 
     text = tiny_recipe.read_text().replace(synthetic_data["valid"], str(prefix))
     tiny_recipe.write_text(text)
     with pytest.raises(DataError) as err:
-        check_run_data(load_config(tiny_recipe))
+        cfg = load_config(tiny_recipe)
+        check_run_data(cfg, RunPlan.build(cfg).stream)
     assert err.value.key == "data.valid_paths[0]" and err.value.source == str(tiny_recipe)
     assert str(err.value).startswith(f"{tiny_recipe}: data.valid_paths[0]='{prefix}': {prefix}.bin")
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_tst.config import load_config
-from megatron_tst.models.gpt import (build_model, build_transformer_config, count_parameters,
-                                     padded_vocab_size, resolve_transformer_impl)
+from megatron_tst.models.gpt import build_model, build_transformer_config, count_parameters
+from megatron_tst.plan import padded_vocab_size, resolve_transformer_impl
 
 
 @pytest.fixture

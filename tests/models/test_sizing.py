@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megatron_tst.config import load_config
-from megatron_tst.models.gpt import build_model, count_parameters, padded_vocab_size
+from megatron_tst.models.gpt import build_model, count_parameters
+from megatron_tst.plan import padded_vocab_size
 from megatron_tst.models.sizing import flops_per_step, memory_estimate, parameter_counts
 from tests.conftest import REPO, read_metrics, run_cli
 
