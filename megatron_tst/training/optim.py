@@ -1,4 +1,7 @@
-"""Megatron DDP wrapping, AdamW through ``get_megatron_optimizer``, and the WSD LR schedule.
+"""Megatron DDP wrapping, AdamW through ``get_megatron_optimizer``, the WSD LR schedule, and
+``TrainingOptimizer``: the one adapter that holds every workaround around megatron's optimizer
+(creating Adam's state before a load, per-parameter step counts after it, the recipe's
+hyper-parameters on resume, a rebuilt LR schedule, the reset and reload at the TST switch).
 
 One warmup-stable-decay schedule spans the whole run (both TST phases): linear warmup from 0 over
 ``schedule.warmup_steps``, constant ``optimizer.lr``, then decay to ``schedule.final_lr`` over the
@@ -7,6 +10,9 @@ steps here: step ``k`` (0-based) trains with ``lr(k)``, so with warmup the first
 """
 
 from __future__ import annotations
+
+import collections
+from typing import Optional
 
 import torch
 
@@ -79,25 +85,6 @@ def connect_schedule_hooks(model_chunks: list, optimizer) -> None:
         config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
 
 
-def inner_optimizers(optimizer) -> list:
-    """The torch optimizers inside a megatron (possibly chained) optimizer."""
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
-            if getattr(o, "optimizer", None) is not None]
-
-
-def apply_optimizer_hyperparameters(cfg: RunConfig, optimizer) -> None:
-    """Adam's betas and epsilon from the recipe (a loaded optimizer state carries its own): a
-    no-op unless a resume changed them (checkpoint.allow_changes). LR and weight decay are set by
-    the scheduler at every step."""
-    o = cfg.optimizer
-    for inner in inner_optimizers(optimizer):
-        for group in inner.param_groups:
-            group["betas"] = (o.adam_beta1, o.adam_beta2)
-            group["eps"] = o.adam_eps
-            if "max_lr" in group:  # megatron's per-group LR bounds, which its scheduler prefers
-                group["max_lr"], group["min_lr"] = o.lr, cfg.schedule.final_lr
-
-
 def build_scheduler(cfg: RunConfig, optimizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -118,3 +105,109 @@ def build_scheduler(cfg: RunConfig, optimizer):
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=True,
     )
+
+
+def inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside a megatron (possibly chained) optimizer."""
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(o, "optimizer", None) is not None]
+
+
+class TrainingOptimizer:
+    """megatron's optimizer and LR scheduler for ``model_chunks``, and what megatron-tst does
+    around them. ``.optimizer`` and ``.scheduler`` are megatron's own objects (their state dicts
+    go into checkpoints unchanged)."""
+
+    def __init__(self, cfg: RunConfig, model_chunks: list):
+        self.cfg = cfg
+        self.optimizer = build_optimizer(cfg, model_chunks)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        connect_schedule_hooks(model_chunks, self.optimizer)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> tuple[bool, Optional[float]]:
+        """The update and the LR schedule's step: (applied, gradient norm)."""
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return ok, grad_norm
+
+    def skip(self) -> None:
+        """No update for this batch; the LR schedule still advances (training.nonfinite=skip)."""
+        self.scheduler.step(increment=1)
+
+    # -------------------------------------------------------------------------- checkpoints
+    def prepare_load(self) -> None:
+        """Create Adam's moment tensors before loading, so the sharded state dict has targets.
+
+        A step with all-zero gradients on freshly built state; the loaded values overwrite it.
+        """
+        for inner in inner_optimizers(self.optimizer):
+            if any(len(s) for s in inner.state.values()):
+                continue
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            saved_lrs = [g["lr"] for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"] = 0.0
+            params = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+            inner.step()
+            with torch.no_grad():
+                for p, saved in zip((p for g in inner.param_groups for p in g["params"]), params):
+                    p.copy_(saved)
+            for g, lr in zip(inner.param_groups, saved_lrs):
+                g["lr"] = lr
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def load(self, optimizer_state: Optional[dict], scheduler_state: dict, *,
+             rebuild_schedule: bool = False) -> None:
+        """Restore the loaded states (``optimizer_state`` None: fresh Adam moments). With
+        ``rebuild_schedule`` the LR schedule is the recipe's (changed with
+        checkpoint.allow_changes), continued from the saved step. Then the recipe's Adam betas,
+        epsilon and LR bounds apply (a loaded state carries its own): a no-op unless a resume
+        changed them."""
+        if optimizer_state is not None:
+            with torch.no_grad():  # the distributed optimizer copies into views of fp32 weights
+                self.optimizer.load_state_dict(optimizer_state)
+            self._sync_step_counts()
+        self.scheduler.override_opt_param_scheduler = rebuild_schedule
+        self.scheduler.load_state_dict(scheduler_state)
+        o = self.cfg.optimizer
+        for inner in inner_optimizers(self.optimizer):
+            for group in inner.param_groups:
+                group["betas"] = (o.adam_beta1, o.adam_beta2)
+                group["eps"] = o.adam_eps
+                if "max_lr" in group:  # megatron's per-group LR bounds, preferred by its scheduler
+                    group["max_lr"], group["min_lr"] = o.lr, self.cfg.schedule.final_lr
+
+    def _sync_step_counts(self) -> None:
+        """torch's AdamW keeps a per-parameter ``step``; megatron saves it per param group."""
+        for inner in inner_optimizers(self.optimizer):
+            for group in inner.param_groups:
+                if "step" not in group:
+                    continue
+                for p in group["params"]:
+                    st = inner.state.get(p)
+                    if st and "step" in st:
+                        st["step"] = torch.as_tensor(group["step"], dtype=st["step"].dtype)
+
+    # ----------------------------------------------------------------------- the TST switch
+    def reset_state(self) -> None:
+        """Fresh Adam moments and step counts (tst.reset_optimizer_at_switch)."""
+        for inner in inner_optimizers(self.optimizer):
+            inner.state = collections.defaultdict(dict)
+            for group in inner.param_groups:
+                group.pop("step", None)
+
+    def reload_model_params(self) -> None:
+        """Copy changed model weights into the fp32 main params where they are separate."""
+        if hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_tst.config import ConfigError, RunConfig
+from megatron_tst.plan import RunPlan
+from megatron_tst.training.saved import SavedCheckpoint
 
 FIXED = {
     "model.num_layers", "model.hidden_size", "model.num_attention_heads",
@@ -80,12 +82,13 @@ def differences(saved_config: dict, cfg: RunConfig, saved_vocab: int, vocab: int
     return changes
 
 
-def check_resume(path, saved_config: dict, saved_step: int, saved_phase: str, cfg: RunConfig,
-                 saved_vocab: int, vocab: int) -> list[Change]:
-    """Raise one ConfigError listing every refused change; return the allowed explicit ones."""
+def check_resume(saved: SavedCheckpoint, plan: RunPlan) -> list[Change]:
+    """Raise one ConfigError listing every refused change (recipe keys, and a data position this
+    run's stream cannot continue from); return the allowed explicit changes."""
+    cfg, state = plan.cfg, saved.train_state
     allowed = cfg.checkpoint.allow_changes
     problems, accepted = [], []
-    for c in differences(saved_config, cfg, saved_vocab, vocab):
+    for c in differences(saved.run_config, cfg, state.get("vocab_size", 0), plan.vocab_size):
         what = f"{c.key}: {c.saved!r} -> {c.now!r}"
         if c.key in FIXED:
             problems.append(f"{what} cannot change on resume: "
@@ -95,15 +98,13 @@ def check_resume(path, saved_config: dict, saved_step: int, saved_phase: str, cf
                             f"checkpoint.allow_changes=[{c.key}]")
         else:
             accepted.append(c)
-    from megatron_tst.tst.schedule import PhaseSchedule, SUPERPOSITION
-
-    boundary = PhaseSchedule.from_config(cfg).superposition_steps
-    if saved_phase not in (SUPERPOSITION, "") and boundary > saved_step:
-        problems.append(f"the superposition phase would restart: the checkpoint is at step "
-                        f"{saved_step}, in the {saved_phase} phase, and this recipe puts the switch "
-                        f"after step {boundary} (tst.ratio / tst.superposition_steps); a run cannot "
-                        f"go back to superposition")
+    position = plan.stream.resume_problem(
+        step=saved.step, phase=saved.phase, consumed_tokens=int(state.get("consumed_tokens", 0)),
+        data_chunk=int(state.get("data_chunk", 1)))
+    if position:
+        problems.append(position)
     if problems:
+        path = saved.path
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(
             f"cannot resume from {path} with this recipe; {len(problems)} difference(s) from the "

@@ -5,13 +5,15 @@
 average over micro-batches and data-parallel ranks weighted by tokens.
 
 Two forward steps: the standard one (next-token CE through GPTModel's vocab-parallel loss) and
-the superposition one (bags in, logits out, multi-hot CE over the next bag).
+the superposition one (bags in, logits out, multi-hot CE over the next bag). ``PipelineRunner``
+runs a global batch of either through megatron's pipeline schedule, for training and (forward
+only) for validation and ``megatron-tst eval``.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -50,6 +52,32 @@ def make_superposition_forward_step(device: torch.device, *, bag_size: int, voca
         return loss, superposition_loss
 
     return forward_step
+
+
+class PipelineRunner:
+    """megatron's forward-backward schedule over this rank's model chunks, one global batch per
+    call (``num_microbatches`` micro-batches of ``micro_batch_size`` samples)."""
+
+    def __init__(self, model_chunks: list, *, seq_length: int, micro_batch_size: int,
+                 num_microbatches: int):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.model, self.schedule = model_chunks, get_forward_backward_func()
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.num_microbatches = num_microbatches
+
+    def iterators(self, make: Callable[[], Iterator]):
+        """The data iterator(s) the schedule takes: one per model chunk (the interleaved
+        schedule reads each chunk's micro-batches from its own), each made by ``make``."""
+        iterators = [make() for _ in self.model]
+        return iterators[0] if len(iterators) == 1 else iterators
+
+    def __call__(self, forward_step, data_iterator, *, forward_only: bool) -> list[dict]:
+        """The loss dicts of the micro-batches (on the last pipeline stage; [] elsewhere)."""
+        return self.schedule(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size, forward_only=forward_only)
 
 
 def superposition_loss(loss: torch.Tensor):

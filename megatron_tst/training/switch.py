@@ -8,25 +8,23 @@ the LM head afresh (normal, ``model.init_method_std``), the same on every data-p
 
 from __future__ import annotations
 
-import collections
 import logging
 
 import torch
 
 from megatron_tst.config import RunConfig
-from megatron_tst.training.optim import inner_optimizers
+from megatron_tst.training.optim import TrainingOptimizer
 
 log = logging.getLogger("megatron_tst")
 
 
-def apply_switch(cfg: RunConfig, model_chunks: list, optimizer) -> None:
+def apply_switch(cfg: RunConfig, model_chunks: list, optimizer: TrainingOptimizer) -> None:
     if cfg.tst.reinit_embeddings_at_switch:
         reinit_embeddings(cfg, model_chunks)
-        if hasattr(optimizer, "reload_model_params"):
-            optimizer.reload_model_params()  # copy into fp32 main params where they are separate
+        optimizer.reload_model_params()
         log.info("switch: re-initialised the input embedding and LM head")
     if cfg.tst.reset_optimizer_at_switch:
-        reset_optimizer_state(optimizer)
+        optimizer.reset_state()
         log.info("switch: reset the optimizer state")
 
 
@@ -41,10 +39,3 @@ def reinit_embeddings(cfg: RunConfig, model_chunks: list) -> None:
                 fresh = torch.randn(param.shape, generator=gen) * cfg.model.init_method_std
                 with torch.no_grad():
                     param.copy_(fresh.to(param.device, param.dtype))
-
-
-def reset_optimizer_state(optimizer) -> None:
-    for inner in inner_optimizers(optimizer):
-        inner.state = collections.defaultdict(dict)
-        for group in inner.param_groups:
-            group.pop("step", None)

@@ -6,14 +6,18 @@ from __future__ import annotations
 import pytest
 
 from megatron_tst.config import ConfigError, RunConfig
+from megatron_tst.plan import RunPlan
 from megatron_tst.training.resume import check_resume
+from megatron_tst.training.saved import SavedCheckpoint
 from tests.conftest import read_metrics, run_cli
 
 TST = ["tst.bag_size=2", "tst.superposition_steps=2", "training.eval_interval=0"]
 
 
 def _check(saved: RunConfig, now: RunConfig, step=4, phase="recovery", vocab=(96, 96)):
-    return check_resume("ckpt", saved.to_dict(), step, phase, now, *vocab)
+    checkpoint = SavedCheckpoint("ckpt", saved.to_dict(),
+                                 {"step": step, "phase": phase, "vocab_size": vocab[0]})
+    return check_resume(checkpoint, RunPlan.build(now).with_vocab(vocab[1]))
 
 
 def test_every_refused_change_is_listed_with_its_fix():
