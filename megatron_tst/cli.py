@@ -30,14 +30,23 @@ def _cmd_train(args) -> int:
 
     plan = RunPlan.build(cfg, world_size)
     check_run_data(cfg, plan.stream)
+    if cfg.checkpoint.load not in ("auto", "none"):  # a path: it must be a checkpoint, now
+        from megatron_tst.training.saved import find_checkpoint
+
+        find_checkpoint(cfg.checkpoint.load, key="checkpoint.load")
 
     from megatron_tst.training.distributed import destroy_distributed
     from megatron_tst.training.faults import EXIT_NONFINITE
     from megatron_tst.training.signals import EXIT_PREEMPTED, FAILED, PREEMPTED
     from megatron_tst.training.trainer import train
 
+    from megatron_tst.training.checkpoint import SaveError
+
     try:
         result = train(cfg, plan)
+    except SaveError as err:  # the run stops; its previous checkpoint is intact
+        print(f"megatron-tst: save error: {err}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()
     _print_summary(cfg, result)
@@ -67,6 +76,9 @@ def _print_summary(cfg, result) -> None:
     if result.valid_loss is not None:
         print(f"  final validation loss {result.valid_loss:.4f}")
     print(f"  data tokens consumed  {result.consumed_tokens:,}")
+    if result.skipped_steps:
+        print(f"  skipped steps         {result.skipped_steps:,} (non-finite loss or gradients; "
+              f"training.nonfinite=skip)")
     print(f"  checkpoint            {result.checkpoint}")
     print(f"  metrics               {Path(cfg.resolved_run_dir) / 'metrics.jsonl'}")
 

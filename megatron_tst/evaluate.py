@@ -160,7 +160,9 @@ def evaluate_checkpoint(target: str | Path, *, data: Optional[str] = None,
                                       if k not in ("use_distributed_optimizer",
                                                    "overlap_grad_reduce", "overlap_param_gather")}
     cfg = checkpoint_config(saved, parallel=parallel, overrides=overrides, world_size=world)
-    run_tokenizer = open_run_tokenizer(find_tokenizer(saved, tokenizer))
+    location = find_tokenizer(saved, tokenizer)
+    run_tokenizer = open_run_tokenizer(location)
+    saved.check_tokenizer(run_tokenizer.vocab_size, str(location.path))
     vocab, padded = vocab_sizes(saved, run_tokenizer.vocab_size)
     if padded % cfg.parallel.tensor_model_parallel_size:
         raise ConfigError(f"the checkpoint's padded vocabulary ({padded:,}) does not split over "

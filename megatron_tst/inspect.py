@@ -10,20 +10,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.models.sizing import GiB, flops_per_step, memory_estimate, parameter_counts
 from megatron_tst.plan import RunPlan
 
 
-def recipe_report(cfg: RunConfig, gpus: int) -> dict:
-    """Figures for ``cfg`` on ``gpus`` GPUs (ConfigError if the layout does not fit)."""
+def default_gpus(cfg: RunConfig) -> tuple[int, str]:
+    """(processes, why) when ``--gpus`` is not given: a CPU recipe (the demo corpus, or gloo) on
+    the fewest processes its model-parallel sizes need; any other on one node of 8 GPUs."""
+    p = cfg.parallel
+    if cfg.data.source == "demo" or p.backend == "gloo":
+        n = p.tensor_model_parallel_size * p.pipeline_model_parallel_size \
+            * p.expert_model_parallel_size
+        return n, f"--gpus {n}, the default for a CPU recipe: its TP x PP x EP"
+    return 8, "--gpus 8, the default: one node"
+
+
+def recipe_report(cfg: RunConfig, gpus: Optional[int] = None) -> dict:
+    """Figures for ``cfg`` on ``gpus`` GPUs (None: ``default_gpus``); a ConfigError if the layout
+    does not fit, naming the GPU count."""
+    from megatron_tst.data.build import run_tokenizer_vocab
+
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    if m.vocab_size is None:
-        raise ConfigError("inspect needs the vocabulary size: set model.vocab_size (the "
-                          "tokenizer's) in the recipe or as an override",
-                          key="model.vocab_size", value=None)
-    plan = RunPlan.build(cfg, gpus, vocab_size=m.vocab_size)
+    gpus, why = (gpus, f"--gpus {gpus}") if gpus is not None else default_gpus(cfg)
+    try:
+        vocab_size = m.vocab_size or run_tokenizer_vocab(cfg)[0]
+    except ConfigError as err:
+        raise ConfigError(f"inspect needs the vocabulary size: set model.vocab_size (the "
+                          f"tokenizer's) in the recipe or as an override, or make "
+                          f"data.tokenizer.path readable ({err.message})",
+                          key="model.vocab_size", value=None) from None
+    try:
+        plan = RunPlan.build(cfg, gpus, vocab_size=vocab_size)
+    except ConfigError as err:
+        raise ConfigError(f"{err.message} (on {why}; give --gpus N for another count)",
+                          key=err.key, value=err.value) from None
     sched, stream, lay, vocab = plan.schedule, plan.stream, plan.layout, plan.padded_vocab_size
     counts = parameter_counts(cfg, vocab)
     positions = t.global_batch_size * m.seq_length
@@ -49,7 +72,7 @@ def recipe_report(cfg: RunConfig, gpus: int) -> dict:
                   "kv_groups": m.num_query_groups or m.num_attention_heads,
                   "ffn": m.moe_ffn_hidden_size if m.num_moe_experts else m.ffn_hidden_size,
                   "experts": m.num_moe_experts, "topk": m.moe_router_topk if m.num_moe_experts
-                  else None, "seq_length": m.seq_length, "vocab": m.vocab_size,
+                  else None, "seq_length": m.seq_length, "vocab": plan.vocab_size,
                   "padded_vocab": vocab},
         "parameters": {"total": counts.total, "active": counts.active,
                        "embedding": counts.embedding, "output": counts.output,
@@ -141,6 +164,7 @@ def add_inspect_arguments(p) -> None:
     p.add_argument("target", help="a recipe (.yaml), a checkpoint step_* directory or a "
                                   "checkpoint root")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.micro_batch_size=2")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs for the layout and memory figures "
-                                                      "(default 8: one node)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs for the layout and memory figures (default: 8, one node; for a "
+                        "CPU recipe, the processes its TP x PP x EP need)")
     p.add_argument("--json", action="store_true", help="print the recipe report as JSON")

@@ -109,6 +109,9 @@ def _load_yaml_tree(path: Path, sources: dict[str, str], chain: tuple) -> dict:
     if path.is_dir():
         raise ConfigError(f"the recipe {path}{named_by} is a directory; give a .yaml file")
     path = path.resolve() if path.exists() else path
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"the recipe {path}{named_by} is not a regular file (a device, a pipe "
+                          f"or a socket); give a .yaml file")
     if not path.is_file():
         where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
         raise ConfigError(f"recipe file not found: {path}{where}{named_by}; check the path")

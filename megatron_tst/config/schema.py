@@ -202,16 +202,22 @@ class TrainingConfig:
     # (Slurm: SIGTERM on preemption/requeue, SIGUSR1 from --signal=B:USR1@T before the limit).
     exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     # Save and exit (status 75) before this many minutes since start: stops once the time left
-    # is less than the longest step plus the last save took. None = no limit.
+    # is less than the longest step, the longest evaluation and the last save took together.
+    # None = no limit.
     time_limit_minutes: Optional[float] = None
     # A non-finite loss or gradient: skip the update (counted) or stop after saving (status 3).
     nonfinite: Literal["stop", "skip"] = "stop"
+    # skip: stop anyway (as nonfinite, after saving) past this many skipped steps in a row, or
+    # in the whole run: a run whose every update is skipped is not training.
+    max_consecutive_skips: int = 10
+    max_skipped_steps: int = 100
     loss_spike_sigma: float = 6.0  # flag losses this many robust sigmas above recent; 0 = off
 
     def validate(self) -> None:
         _POSITIVE_INT.check(self, "training.train_steps", "training.micro_batch_size",
                             "training.global_batch_size", "training.eval_steps",
-                            "training.log_interval")
+                            "training.log_interval", "training.max_consecutive_skips",
+                            "training.max_skipped_steps")
         _NON_NEGATIVE.check(self, "training.eval_interval")
         if self.train_steps > 10**9:
             _fail(self, "training.train_steps", "is absurd (more than 10^9 optimizer steps)")
@@ -265,9 +271,14 @@ class ScheduleConfig:
         if not 0 <= self.final_lr <= optimizer.lr:
             _fail(self, "schedule.final_lr", f"must be in [0, optimizer.lr={optimizer.lr}]")
         decay = round(self.decay_fraction * steps)
-        if self.warmup_steps >= steps or self.warmup_steps + decay > steps:
+        if self.warmup_steps >= steps:
             _fail(self, "schedule.warmup_steps",
-                  f"warmup plus decay ({decay} steps) exceeds training.train_steps={steps}")
+                  f"must be less than training.train_steps={steps}: warmup would take the whole "
+                  f"run")
+        if self.warmup_steps + decay > steps:
+            _fail(self, "schedule.warmup_steps",
+                  f"warmup plus decay ({self.warmup_steps} + {decay} steps) exceeds "
+                  f"training.train_steps={steps}")
 
 
 @dataclass

@@ -115,6 +115,15 @@ def load_run_tokenizer(cfg: RunConfig, path: Optional[str] = None, *, light: boo
         raise fail(f"cannot load it as a {kind} tokenizer: {err}") from None
 
 
+def run_tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
+    """(vocabulary size, name) of the run's tokenizer, known before anything is written: the
+    demo tokenizer is trained to exactly ``data.demo_vocab_size`` pieces; an indexed run's
+    tokenizer file is opened without megatron-core."""
+    if cfg.data.source == "demo":
+        return cfg.data.demo_vocab_size, "the demo tokenizer (data.demo_vocab_size)"
+    return load_run_tokenizer(cfg, light=True).vocab_size, cfg.data.tokenizer.path
+
+
 # ------------------------------------------------------------------------------------- checks
 def _sources(cfg: RunConfig, paths: list[str], key: str) -> list[DataSource]:
     if cfg.data.source == "demo":

@@ -9,7 +9,9 @@ Layout under ``cache_dir``::
 
 A call whose arguments and corpus fingerprint match ``manifest.json`` (and whose files are all
 present with the recorded sizes) returns at once. Anything else (no manifest, different arguments,
-an interrupted earlier run) prepares everything again. A lock file serialises concurrent callers.
+an interrupted earlier run) prepares everything again, in a staging directory beside the cache
+that replaces it only once complete: until then the previous preparation stays as it was. A lock
+file beside the cache (``.<name>.lock``) serialises concurrent callers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +66,7 @@ def _locked(directory: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
         yield
         return
-    with open(directory / ".lock", "a+") as handle:
+    with open(directory.with_name(f".{directory.name}.lock"), "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -90,10 +93,12 @@ def _files(directory: Path) -> dict[str, Path]:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest, or None when it is missing or damaged (then the data is prepared again)."""
     try:
-        return json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _cached(directory: Path, arguments: dict[str, Any], fingerprint: str | None) -> DemoData | None:
@@ -102,14 +107,19 @@ def _cached(directory: Path, arguments: dict[str, Any], fingerprint: str | None)
         return None
     if fingerprint is not None and manifest.get("corpus_fingerprint") != fingerprint:
         return None
-    sizes = manifest.get("file_sizes", {})
+    sizes, results = manifest.get("file_sizes"), manifest.get("results")
+    if not isinstance(sizes, dict) or not isinstance(results, dict):
+        return None
     for name, path in _files(directory).items():
         try:
             if path.stat().st_size != sizes.get(name):
                 return None
         except OSError:
             return None
-    return _demo_data(directory, manifest["results"])
+    try:
+        return _demo_data(directory, results)
+    except (KeyError, TypeError):
+        return None
 
 
 def _demo_data(directory: Path, results: dict[str, int]) -> DemoData:
@@ -150,7 +160,7 @@ def prepare_demo_data(
     if max_documents is not None and max_documents < 2:
         raise ValueError(f"max_documents must be at least 2, got {max_documents}")
     directory = Path(cache_dir).expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     arguments = {
         "format_version": _FORMAT_VERSION,
         "vocab_size": int(vocab_size),
@@ -172,20 +182,20 @@ def prepare_demo_data(
         if cached is not None:
             return cached
 
-        manifest_path = directory / MANIFEST_NAME
-        manifest_path.unlink(missing_ok=True)  # invalid until this preparation completes
-
+        staging = directory.with_name(f".{directory.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier preparation's
+        staging.mkdir()
         documents = demo_documents()
         if max_documents is not None:
             documents = _subset(documents, max_documents, seed)
         train, valid = split_documents(documents, valid_fraction=valid_fraction, seed=seed)
-        files = _files(directory)
+        files = _files(staging)
         train_sentencepiece(
             (doc.text for doc in train), files["tokenizer"].with_suffix(""), vocab_size, seed=seed
         )
         tokenizer = SentencePieceTokenizer(files["tokenizer"])
-        train_result = preprocess_documents([d.text for d in train], directory / "train", tokenizer)
-        valid_result = preprocess_documents([d.text for d in valid], directory / "valid", tokenizer)
+        train_result = preprocess_documents([d.text for d in train], staging / "train", tokenizer)
+        valid_result = preprocess_documents([d.text for d in valid], staging / "valid", tokenizer)
 
         results = {
             "num_train_tokens": train_result.num_tokens,
@@ -201,7 +211,18 @@ def prepare_demo_data(
             "file_sizes": {name: path.stat().st_size for name, path in files.items()},
             "valid_titles": [f"{d.source}/{d.title}" for d in valid],
         }
-        tmp = directory / f".{MANIFEST_NAME}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, manifest_path)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n",
+                                             encoding="utf-8")
+        _swap_in(staging, directory)
         return _demo_data(directory, results)
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Replace ``directory`` by the complete ``staging`` (two renames; a crash between them
+    leaves no cache, which the next call prepares again)."""
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)

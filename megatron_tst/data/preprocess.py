@@ -318,15 +318,20 @@ def _write_indexed_dataset(
     from tqdm import tqdm
 
     prefix = Path(output_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     dtype = _token_dtype(tokenizer.vocab_size)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tmp_bin, tmp_idx = Path(f"{tmp_prefix}.bin"), Path(f"{tmp_prefix}.idx")
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+    except OSError as err:
+        raise DataError(f"cannot write {prefix}.bin in {prefix.parent} ({err.strerror or err}); "
+                        f"give an --output-prefix in a writable directory",
+                        key="--output-prefix", value=str(prefix)) from None
     num_documents = num_tokens = 0
     pool = None
     bar = None
     try:
-        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
         batches = _batched(documents, _BATCH_DOCUMENTS)
         if workers > 1:
             pool = _pool_context().Pool(
@@ -373,7 +378,7 @@ def _write_indexed_dataset(
         for path in (tmp_bin, tmp_idx):
             try:
                 path.unlink()
-            except FileNotFoundError:
+            except OSError:  # gone already, or the location went away: never hide the error
                 pass
     return prefix, num_documents, num_tokens
 
@@ -509,7 +514,7 @@ def run_preprocess(args: argparse.Namespace, *, out: Callable[[str], None] = pri
         result = preprocess(
             inputs, args.output_prefix, tokenizer, workers=args.workers, text_key=args.text_key
         )
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, ValueError, OSError) as err:  # OSError: an unwritable location
         return fail(str(err))
     skipped = f", {result.num_skipped} empty skipped" if result.num_skipped else ""
     out(

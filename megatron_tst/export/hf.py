@@ -382,6 +382,7 @@ def export_checkpoint(target: str | Path, outdir: str | Path, *, force: bool = F
     warnings = [w for w in [saved.phase_warning()] if w]
     try:
         ids = write_tokenizer(location, tmp, model_max_length=cfg.model.seq_length)
+        saved.check_tokenizer(ids.vocab_size, str(location.path))
         vocab, padded = vocab_sizes(saved, ids.vocab_size)
         if ids.vocab_size > vocab:
             raise ExportError(f"the tokenizer {location.path} has {ids.vocab_size:,} entries but "

@@ -13,6 +13,7 @@ point of a save (``FAILPOINTS``, ``training/failpoints.py``): the crash-safety t
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,17 +31,20 @@ import torch.distributed as dist
 from megatron_tst import mcore
 from megatron_tst.config import RunConfig
 from megatron_tst.config.loader import config_to_yaml
+from megatron_tst.training import failpoints
 from megatron_tst.training.failpoints import kill_if
 from megatron_tst.training.optim import TrainingOptimizer
 from megatron_tst.training.saved import (FORMAT_VERSION, LATEST, RECORD, STEP_DIR,
-                                         CheckpointError, SavedCheckpoint, is_complete,
+                                         CheckpointError, DamagedCheckpointError,
+                                         SavedCheckpoint, damaged, digest_files, is_complete,
                                          latest_checkpoint, model_keys, open_checkpoint,
-                                         step_dir_name, step_dirs)
+                                         record_files, step_dir_name, step_dirs, verify_files)
 
 log = logging.getLogger(__name__)
 
 FAILPOINTS = ("save:before_write", "save:after_write", "save:before_record", "save:before_latest",
-              "save:before_prune", "prune:after_first_delete")
+              "save:before_prune", "prune:after_first_delete")  # SIGKILL there
+# ``save:disk_full``: the write fails with ENOSPC after writing part of a file
 # Distributed-optimizer state is saved dp-reshardable so a run can resume on another DP size.
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "dp_reshardable",
@@ -60,18 +64,47 @@ class TrainState:
     bag_size: int = 1  # tokens per position in that step (s in the superposition phase)
     data_chunk: int = 1  # the data stream is cut in chunks of data_chunk * seq_length tokens
     vocab_size: int = 0  # the model's vocabulary before padding (0: unknown)
+    tokenizer_vocab: int = 0  # entries of the run's tokenizer (0: unknown, older checkpoints)
     skipped_steps: int = 0  # steps whose update was skipped (training.nonfinite=skip)
 
 
 def resolve_load_path(cfg: RunConfig) -> Optional[SavedCheckpoint]:
-    """The checkpoint this run starts from (None: fresh), checked and read (``saved.py``)."""
+    """The checkpoint this run starts from (None: fresh), checked, verified on all ranks and
+    read (``saved.py``). With ``checkpoint.load=auto`` a damaged checkpoint is skipped, named,
+    for the newest intact one; an explicit path that is damaged is refused."""
     load = cfg.checkpoint.load
     if load == "none":
         return None
-    if load == "auto":
-        path = latest_checkpoint(cfg.checkpoint_dir, key="checkpoint.load")
-        return None if path is None else open_checkpoint(path, key="checkpoint.load")
-    return open_checkpoint(load, key="checkpoint.load")
+    if load != "auto":
+        saved = open_checkpoint(load, key="checkpoint.load", verify=False)
+        if problem := verified_on_all_ranks(saved):
+            raise problem
+        return saved
+    root = Path(cfg.checkpoint_dir)
+    path, skipped = latest_checkpoint(root), []
+    while path is not None:
+        try:
+            saved = open_checkpoint(path, key="checkpoint.load", verify=False)
+            problem = verified_on_all_ranks(saved)
+        except DamagedCheckpointError as err:
+            problem = err
+        if problem is None:
+            if skipped:
+                log.warning("resuming from %s, the newest intact checkpoint of %s (skipped: %s)",
+                            path.name, root, ", ".join(skipped))
+            return saved
+        log.warning("%s", problem.message)
+        skipped.append(path.name)
+        step = int(STEP_DIR.match(path.name).group(1))
+        older = [p for s, p in step_dirs(root) if s < step and is_complete(p)]
+        path = older[-1] if older else None
+    if skipped:
+        raise DamagedCheckpointError(
+            f"every complete checkpoint in {root} is damaged ({', '.join(skipped)}; see the "
+            f"warnings above): refusing to start over in a run directory that holds a run. "
+            f"Restore a copy, or start fresh with checkpoint.load=none or another run_dir",
+            key="checkpoint.load", value=load)
+    return None
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -129,9 +162,10 @@ def _sharded_state_dict(model_chunks, optimizer: TrainingOptimizer, train_state:
 
 # ---------------------------------------------------------------------------------- saving
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
-                    train_state: TrainState) -> Path:
+                    train_state: TrainState, protect: Optional[Path] = None) -> Path:
     """Save on all ranks; then rank 0 writes the completion record, points ``latest`` at it and
-    applies retention (see the module docstring for why in this order)."""
+    applies retention (see the module docstring for why in this order), which never removes
+    ``protect`` (the last checkpoint before a streak of skipped non-finite steps)."""
     from megatron.core import dist_checkpointing
 
     root = Path(cfg.checkpoint_dir)
@@ -145,23 +179,93 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
     dist.barrier()
     kill_if("save:before_write", step)
     state = _sharded_state_dict(model_chunks, optimizer, train_state, cfg, is_loading=False)
-    dist_checkpointing.save(state, str(path))
+    try:
+        if failpoints.active("save:disk_full", step):  # a write that fills the disk
+            (path / f"__{rank}_0.distcp").write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / f"__{rank}_0.distcp"))
+        dist_checkpointing.save(state, str(path))
+    except Exception as err:
+        if not _out_of_space(err, root):
+            raise
+        shutil.rmtree(path, ignore_errors=True)  # the partial save: free what it took
+        raise SaveError(_disk_full_message(cfg, path, root), reason="disk_full") from err
     kill_if("save:after_write", step)
     dist.barrier()
+    files = _gather_digests(path)  # every rank checksums its share of the files
     if rank == 0:
         (path / "run_config.yaml").write_text(config_to_yaml(cfg))
         kill_if("save:before_record", step)
         _write_atomic(path / RECORD, json.dumps(
             {"format_version": FORMAT_VERSION, "step": step, "phase": train_state.phase,
              "consumed_tokens": train_state.consumed_tokens,
-             "megatron_core": str(mcore.installed()), "torch": torch.__version__},
-            indent=2) + "\n")
+             "megatron_core": str(mcore.installed()), "torch": torch.__version__,
+             "files": files}, indent=2) + "\n")
         kill_if("save:before_latest", step)
         _write_atomic(root / LATEST, path.name + "\n")
         kill_if("save:before_prune", step)
-        _prune(root, cfg.checkpoint.keep_last, keep=path)
+        _prune(root, cfg.checkpoint.keep_last, keep=path, protect=protect)
     dist.barrier()
     return path
+
+
+class SaveError(RuntimeError):
+    """A save that could not complete; the previous checkpoint and ``latest`` are untouched.
+    ``str()`` is one line naming the cause and the fix; ``reason`` goes to exit_status.json."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _out_of_space(err: BaseException, root: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC anywhere in the exception chain (torch's
+    writer reports it as a RuntimeError about file positions), or a disk that is now full."""
+    seen = err
+    while seen is not None:
+        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) \
+                or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(root).free < (64 << 20)
+    except OSError:
+        return False
+
+
+def _disk_full_message(cfg: RunConfig, path: Path, root: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    previous = [p for _, p in step_dirs(root) if is_complete(p)]
+    need = ""
+    if previous:
+        size = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
+        need = f"; a checkpoint takes {size / 2**30:.2f} GiB ({previous[-1].name})"
+    return (f"no space left on the device of {root} ({free}{need}) while saving {path.name}: "
+            f"the partial save was removed and 'latest' still names the previous checkpoint. "
+            f"Free space there, lower checkpoint.keep_last, or set checkpoint.dir to a larger "
+            f"file system, then resubmit to resume")
+
+
+def _gather_digests(path: Path) -> dict:
+    """Sizes and CRC32s of every file of step directory ``path``, checksummed in parallel: each
+    rank reads its share (``saved.digest_files``)."""
+    mine = digest_files(path, (dist.get_rank(), dist.get_world_size()))
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    return {name: digest for share in shares for name, digest in sorted(share.items())}
+
+
+def verified_on_all_ranks(saved: SavedCheckpoint) -> Optional[DamagedCheckpointError]:
+    """Check the files of ``saved`` against its record, each rank its share; the verdict (with
+    every rank's findings) is the same on all ranks. None when intact."""
+    share = (dist.get_rank(), dist.get_world_size())
+    problems = verify_files(saved.path, record_files(saved.record), share)
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, problems)
+    everything = [p for rank in found for p in rank]
+    return damaged(saved.path, everything, "checkpoint.load") if everything else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -184,14 +288,14 @@ def _set_aside(path: Path) -> None:
     os.replace(path, aside)
 
 
-def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints and ``keep`` (the one ``latest``
-    names); remove older complete ones and incomplete leftovers of crashed saves."""
+def _prune(root: Path, keep_last: int, keep: Path, protect: Optional[Path] = None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints, ``keep`` (the one ``latest`` names)
+    and ``protect``; remove older complete ones and incomplete leftovers of crashed saves."""
     dirs = step_dirs(root)
     complete = [p for _, p in dirs if is_complete(p)]
     doomed = [p for _, p in dirs if not is_complete(p) and p != keep]
     if keep_last > 0:
-        doomed += [p for p in complete[:-keep_last] if p != keep]
+        doomed += [p for p in complete[:-keep_last] if p not in (keep, protect)]
     for i, old in enumerate(doomed):
         shutil.rmtree(old, ignore_errors=True)
         if i == 0:
@@ -232,12 +336,16 @@ def load_checkpoint(saved: SavedCheckpoint, cfg: RunConfig, model_chunks,
         optimizer.load(loaded["optimizer"] if with_optimizer else None, loaded["scheduler"],
                        rebuild_schedule=rebuild_schedule)
     except Exception as err:
+        why = f"{type(err).__name__}: {str(err)[:300]}"
         if written_by in (None, running):
-            raise
+            raise CheckpointError(
+                f"cannot load {path} ({why}): its files are damaged, or it holds another model "
+                f"than this recipe describes; use an earlier checkpoint, or compare the recipe "
+                f"with {path}/run_config.yaml", key="checkpoint.load", value=str(path)) from err
         raise CheckpointError(
             f"{path} was written by megatron-core {written_by} and megatron-core {running} "
-            f"cannot load it ({type(err).__name__}: {str(err)[:300]}); resume it with "
-            f"megatron-core {written_by}", key="checkpoint.load", value=str(path)) from None
+            f"cannot load it ({why}); resume it with megatron-core {written_by}",
+            key="checkpoint.load", value=str(path)) from None
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])

@@ -1,9 +1,11 @@
-"""Fault injection for the reliability tests: ``MEGATRON_TST_FAILPOINT=<point>[@step]``.
+"""Fault injection for the reliability tests: ``MEGATRON_TST_FAILPOINT=<point>[@step[+]]``
+(``@3``: at step 3 only; ``@3+``: at step 3 and every later one; no step: always).
 
 Points: the ``save:*`` and ``prune:*`` points of ``training/checkpoint.py`` (the process is
-killed with SIGKILL there), and ``grad:nan`` (rank 0 writes a NaN into its gradients after the
-data-parallel reduction of that step, which only the non-finite check can then notice). Unset,
-every call is one environment lookup.
+killed with SIGKILL there; ``save:disk_full`` instead fails the write with ENOSPC), ``grad:nan``
+(rank 0 writes a NaN into its gradients after the data-parallel reduction of that step, which
+only the non-finite check can then notice) and ``eval:signal`` (the process sends itself SIGTERM
+during the first validation batch after that step). Unset, every call is one environment lookup.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ def active(point: str, step: int) -> bool:
     if not want:
         return False
     name, _, at = want.partition("@")
-    return name == point and (not at or int(at) == step)
+    if name != point:
+        return False
+    if at.endswith("+"):
+        return step >= int(at[:-1])
+    return not at or int(at) == step
 
 
 def kill_if(point: str, step: int) -> None:
@@ -29,3 +35,11 @@ def kill_if(point: str, step: int) -> None:
         log.warning("failpoint %s at step %d: killing the process", point, step)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_if(point: str, step: int, signum: int = signal.SIGTERM) -> None:
+    """Send this process ``signum`` at ``point`` if it is the active failpoint."""
+    if active(point, step):
+        log.warning("failpoint %s at step %d: sending %s", point, step,
+                    signal.Signals(signum).name)
+        os.kill(os.getpid(), signum)

@@ -83,13 +83,23 @@ def _start_wandb(cfg: RunConfig, run_dir: Path) -> Optional[Any]:
 
 
 def _wandb_id(run_dir: Path) -> str:
-    """A stable id per run directory, so a resumed job continues the same wandb run."""
-    id_file = run_dir / "wandb_id.txt"
-    if not id_file.exists():
-        import uuid
+    """A stable id per run directory, so a resumed job continues the same wandb run (a damaged
+    id file is replaced, with a warning: the run then starts a new wandb run)."""
+    import re
+    import uuid
 
-        id_file.write_text(uuid.uuid4().hex[:12])
-    return id_file.read_text().strip()
+    id_file = run_dir / "wandb_id.txt"
+    try:
+        run_id = id_file.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        run_id = None
+    if run_id is not None and re.fullmatch(r"[0-9a-f]{12}", run_id):
+        return run_id
+    if id_file.exists():
+        log.warning("%s is damaged: starting a new wandb run for this run directory", id_file)
+    run_id = uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return run_id
 
 
 def format_metrics(step: int, total: int, m: dict[str, Any]) -> str:

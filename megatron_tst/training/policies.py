@@ -42,14 +42,15 @@ class StopConditions:
         self.limit_s = (None if cfg.training.time_limit_minutes is None
                         else cfg.training.time_limit_minutes * 60)
         self.signals = ExitSignalHandler(cfg.training.exit_signals)
-        self.longest_step_s = self.last_save_s = 0.0
+        self.longest_step_s = self.longest_eval_s = self.last_save_s = 0.0
 
     def time_is_up(self) -> bool:
-        """Less time left than the longest step plus the last save took."""
+        """Less time left than the longest step, the longest evaluation and the last save took
+        together (the next step may be followed by both)."""
         if self.limit_s is None:
             return False
         left = self.limit_s - (time.time() - self.started)
-        return left < self.longest_step_s + self.last_save_s
+        return left < self.longest_step_s + self.longest_eval_s + self.last_save_s
 
     def check(self) -> Optional[str]:
         """The agreed signal name, ``TIME_LIMIT``, or None to go on."""
@@ -68,20 +69,49 @@ class StopConditions:
 
 
 class NonFinitePolicy:
-    """``training.nonfinite``: ``skip`` the update (counted) or ``stop`` after saving."""
+    """``training.nonfinite``: ``skip`` the update (counted) or ``stop`` after saving. Skipping
+    is bounded: past ``training.max_consecutive_skips`` in a row or ``training.max_skipped_steps``
+    in the run it stops as ``stop`` would. ``protected`` is the checkpoint saved before the
+    current streak of skipped steps: retention keeps it until a step trains again."""
 
-    def __init__(self, mode: str, metrics: MetricsLogger):
-        self.mode, self.metrics = mode, metrics
+    def __init__(self, training, metrics: MetricsLogger):
+        self.mode, self.metrics = training.nonfinite, metrics
+        self.max_consecutive, self.max_total = (training.max_consecutive_skips,
+                                                training.max_skipped_steps)
+        self.consecutive = 0
+        self.protected = None
 
-    def __call__(self, m: dict, state, save_if_needed: Callable[[], None]) -> Optional[Outcome]:
+    def trained(self) -> None:
+        """A step whose update was applied: the streak of skipped steps is over."""
+        self.consecutive, self.protected = 0, None
+
+    def __call__(self, m: dict, state, save_if_needed: Callable[[], None],
+                 last_checkpoint=None) -> Optional[Outcome]:
         """Apply the policy to the step after ``state.step`` whose update was withheld."""
         what, step = " and ".join(m["nonfinite"]), state.step + 1
         if self.mode == "skip":
             state.skipped_steps += 1
-            log.warning("step %d: non-finite %s: update skipped (%d skipped so far; "
-                        "training.nonfinite=skip)", step, what, state.skipped_steps)
-            self.metrics.event(step, f"non-finite {what}: update skipped")
-            return None
+            self.consecutive += 1
+            if self.consecutive == 1:
+                self.protected = last_checkpoint
+            limit = ("training.max_consecutive_skips", self.max_consecutive, self.consecutive) \
+                if self.consecutive > self.max_consecutive else \
+                ("training.max_skipped_steps", self.max_total, state.skipped_steps) \
+                if state.skipped_steps > self.max_total else None
+            if limit is None:
+                log.warning("step %d: non-finite %s: update skipped (%d skipped so far; "
+                            "training.nonfinite=skip)", step, what, state.skipped_steps)
+                self.metrics.event(step, f"non-finite {what}: update skipped")
+                return None
+            key, bound, count = limit
+            log.error("step %d: non-finite %s: %d skipped steps exceed %s=%d: the run is not "
+                      "training; saving and stopping (exit status %d). Resume from %s with a "
+                      "lower optimizer.lr (checkpoint.allow_changes=[optimizer.lr])", step, what,
+                      count, key, bound, EXIT_NONFINITE,
+                      self.protected or "the last checkpoint before the skips")
+            self.metrics.event(step, f"non-finite {what}: stopped after {count} skipped steps")
+            save_if_needed()
+            return Outcome(FAILED, "nonfinite")
         log.error("step %d: non-finite %s: the weights are those after step %d; saving them and "
                   "stopping (exit status %d). Resume with training.nonfinite=skip to skip this "
                   "batch, or with a lower optimizer.lr (checkpoint.allow_changes=[optimizer.lr])",
@@ -118,8 +148,10 @@ class StatusFile:
                                                         cfg.training.train_steps, rank == 0)
 
     def write(self, status: str, step: int, checkpoint: Optional[str] = None,
-              signal_name: Optional[str] = None, reason: Optional[str] = None) -> None:
+              signal_name: Optional[str] = None, reason: Optional[str] = None,
+              skipped_steps: int = 0) -> None:
         if self.enabled:
             write_exit_status(self.run_dir, status=status, step=step,
                               train_steps=self.train_steps, checkpoint=checkpoint,
-                              signal_name=signal_name, reason=reason)
+                              signal_name=signal_name, reason=reason,
+                              skipped_steps=skipped_steps)

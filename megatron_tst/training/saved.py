@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,6 +43,67 @@ class CheckpointError(InputError):
     unknown format, another megatron-core line), or its tokenizer cannot be found."""
 
     kind = "checkpoint error"
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A complete checkpoint whose files are not as they were written: a file missing, cut,
+    changed (its size or CRC32 differs from the completion record) or unreadable. A resume
+    with checkpoint.load=auto falls back to the newest intact checkpoint."""
+
+
+# ------------------------------------------------------------------------------- integrity
+READ_BYTES = 16 << 20  # per read while checksumming
+CHECKSUM_THREADS = 8  # zlib releases the GIL: files are checksummed in parallel
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _share(names, share: tuple[int, int]) -> list[str]:
+    rank, world = share
+    return sorted(names)[rank::world]
+
+
+def checkpoint_files(step_dir: Path) -> list[str]:
+    """The files of a step directory (relative paths), as the completion record lists them."""
+    return sorted(str(p.relative_to(step_dir)) for p in Path(step_dir).rglob("*")
+                  if p.is_file() and p.name not in (RECORD, "run_config.yaml"))
+
+
+def digest_files(step_dir: Path, share: tuple[int, int] = (0, 1)) -> dict:
+    """{relative path: {"size", "crc32"}} of this rank's share (``(rank, world)``) of the files."""
+    step_dir = Path(step_dir)
+    mine = _share(checkpoint_files(step_dir), share)
+    with ThreadPoolExecutor(CHECKSUM_THREADS) as pool:
+        crcs = list(pool.map(lambda name: _crc32(step_dir / name), mine))
+    return {name: {"size": (step_dir / name).stat().st_size, "crc32": crc}
+            for name, crc in zip(mine, crcs)}
+
+
+def verify_files(step_dir: Path, expected: dict, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What differs from the record in this rank's share of the files (sizes first: a cut file
+    costs no read); [] when intact."""
+    step_dir = Path(step_dir)
+
+    def check(name: str) -> Optional[str]:
+        want, path = expected[name], step_dir / name
+        try:
+            size = path.stat().st_size
+            if size != want.get("size"):
+                return f"{name} has {size} bytes, {want.get('size')} were written"
+            if _crc32(path) != want.get("crc32"):
+                return f"{name} has changed since it was written (CRC32 differs)"
+        except OSError as err:
+            return f"{name} cannot be read ({err.strerror or err})"
+        return None
+
+    with ThreadPoolExecutor(CHECKSUM_THREADS) as pool:
+        return [p for p in pool.map(check, _share(expected, share)) if p]
 
 
 def step_dir_name(step: int) -> str:
@@ -80,30 +143,36 @@ def saved_megatron_core(path: Path) -> Optional[str]:
     return version if isinstance(version, str) else None
 
 
-def latest_checkpoint(ckpt_dir: str | Path, key: Optional[str] = None) -> Optional[Path]:
-    """The checkpoint to resume from in a checkpoint root: the one ``latest`` names, or (no
-    ``latest`` yet: the first save was interrupted after completing) the newest complete one.
-    None when there is none. Newer directories that are skipped are named in a warning."""
-    root = Path(ckpt_dir)
+def _marker(root: Path) -> Optional[str]:
+    """The step directory ``latest`` names, or None with a warning when the file is unreadable,
+    not text, or names no step directory here (then it is treated as missing)."""
     marker = root / LATEST
+    try:
+        name = marker.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        why = f"cannot be read as text ({err})"
+    else:
+        if STEP_DIR.match(name) and (root / name).is_dir():
+            return name
+        why = f"names {name[:60]!r}, which is not a step_* directory here"
+    log.warning("%s %s: ignoring it and resuming from the newest complete checkpoint", marker, why)
+    return None
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
+    """The checkpoint to resume from in a checkpoint root: the one ``latest`` names, or (no
+    usable ``latest``: the first save was interrupted after completing, or the file is damaged)
+    the newest complete one. None when there is none. Newer directories that are skipped are
+    named in a warning."""
+    root = Path(ckpt_dir)
     dirs = step_dirs(root)
-    if marker.is_file():
-        try:
-            name = marker.read_text().strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{marker} cannot be read ({err}); delete it to resume from the "
-                                  f"newest complete step_* directory", key=key,
-                                  value=str(root)) from None
+    name = _marker(root) if (root / LATEST).is_file() else None
+    if name is not None:
         path = root / name
-        if not name or not STEP_DIR.match(name) or not path.is_dir():
-            raise CheckpointError(f"{marker} names {name!r}, which is not a step_* directory "
-                                  f"here; point checkpoint.load at an existing step_* directory, "
-                                  f"or delete {marker} to resume from the newest complete one",
-                                  key=key, value=str(root))
     else:
         complete = [p for _, p in dirs if is_complete(p)]
         path = complete[-1] if complete else None
-        if path is not None:
+        if path is not None and not (root / LATEST).is_file():
             log.warning("%s has no '%s' file (a save was interrupted before writing it): "
                         "resuming from the newest complete checkpoint, %s", root, LATEST, path.name)
     named = int(STEP_DIR.match(path.name).group(1)) if path is not None else -1
@@ -140,7 +209,7 @@ def find_checkpoint(target: str | Path, key: Optional[str] = None) -> Path:
     if not path.is_dir():
         raise fail(f"{path} is a file, not a checkpoint directory; {given}")
     if is_root(path):
-        found = latest_checkpoint(path, key)
+        found = latest_checkpoint(path)
         if found is None:
             raise fail(f"{path} holds no complete checkpoint (every step_* directory in it is "
                        f"from an interrupted save)")
@@ -196,6 +265,20 @@ class SavedCheckpoint:
                 "pp": p.get("pipeline_model_parallel_size", 1),
                 "ep": p.get("expert_model_parallel_size", 1)}
 
+    def check_tokenizer(self, entries: int, name: str) -> None:
+        """Refuse a tokenizer of another size than the run's: its ids would name other tokens
+        than the model learnt (``entries``: its vocabulary size)."""
+        data = self.run_config.get("data", {})
+        expected = self.train_state.get("tokenizer_vocab") or (
+            data.get("demo_vocab_size") if data.get("source") == "demo" else None) or (
+            self.train_state.get("vocab_size") if not self.run_config.get("model", {}).get(
+                "vocab_size") else None)
+        if isinstance(expected, int) and expected and expected != entries:
+            raise CheckpointError(
+                f"the tokenizer {name} has {entries:,} entries, the run that wrote {self.path} "
+                f"used one of {expected:,}: it is not the run's tokenizer (ids would decode to "
+                f"other tokens); pass the run's tokenizer with --tokenizer PATH")
+
     def phase_warning(self) -> Optional[str]:
         """A warning for a checkpoint of the superposition phase (not a next-token model)."""
         if self.phase != "superposition":
@@ -208,17 +291,24 @@ class SavedCheckpoint:
                 f"for evaluation")
 
 
-def open_checkpoint(target: str | Path, key: Optional[str] = None) -> SavedCheckpoint:
-    """Find and check ``target`` (``find_checkpoint``) and read its record and common state."""
+def open_checkpoint(target: str | Path, key: Optional[str] = None, *,
+                    verify: bool = True) -> SavedCheckpoint:
+    """Find and check ``target`` (``find_checkpoint``), verify its files against the sizes and
+    CRC32s of its completion record (``verify``; the trainer verifies on all ranks instead, see
+    ``training/checkpoint.py``), and read its record and common state."""
     from megatron.core import dist_checkpointing
 
     path = find_checkpoint(target, key)
+    record = read_record(path)
+    if verify and (problems := verify_files(path, record_files(record))):
+        raise damaged(path, problems, key, target)
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
     except Exception as err:  # megatron raises several kinds for unreadable files
-        raise CheckpointError(f"cannot read the common state of {path} ({type(err).__name__}: "
-                              f"{str(err)[:300]}); the checkpoint is damaged or was not written "
-                              f"by megatron-tst", key=key, value=str(target)) from None
+        raise DamagedCheckpointError(
+            f"cannot read the common state of {path} ({type(err).__name__}: {str(err)[:300]}); "
+            f"the checkpoint is damaged or was not written by megatron-tst", key=key,
+            value=str(target)) from None
     if not isinstance(common, dict) or not isinstance(common.get("run_config"), dict) \
             or not isinstance(common.get("train_state"), dict):
         raise CheckpointError(f"{path} is a megatron dist checkpoint without megatron-tst's run "
@@ -226,4 +316,21 @@ def open_checkpoint(target: str | Path, key: Optional[str] = None) -> SavedCheck
                               key=key, value=str(target))
     scheduler = common.get("scheduler")
     return SavedCheckpoint(path, common["run_config"], common["train_state"],
-                           scheduler if isinstance(scheduler, dict) else {}, read_record(path))
+                           scheduler if isinstance(scheduler, dict) else {}, record)
+
+
+def record_files(record: dict) -> dict:
+    """The files a completion record lists ({} for checkpoints saved before it did)."""
+    files = record.get("files")
+    return files if isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()) \
+        else {}
+
+
+def damaged(path: Path, problems: list[str], key: Optional[str] = None,
+            target=None) -> DamagedCheckpointError:
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3
+                                        else "")
+    return DamagedCheckpointError(
+        f"{path} is damaged: {shown}. Its files are not as they were saved (a disk or copy "
+        f"error, or an edit); use an earlier checkpoint", key=key,
+        value=str(target if target is not None else path))

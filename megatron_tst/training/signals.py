@@ -85,14 +85,16 @@ class ExitSignalHandler:
 
 def write_exit_status(run_dir: str | Path, *, status: str, step: int, train_steps: int,
                       checkpoint: Optional[str], signal_name: Optional[str],
-                      reason: Optional[str] = None) -> Path:
+                      reason: Optional[str] = None, skipped_steps: int = 0) -> Path:
     """Atomically write ``exit_status.json`` (written by global rank 0 only). ``reason``:
-    ``signal`` or ``time_limit`` (preempted), ``nonfinite`` (failed), else null."""
+    ``signal`` or ``time_limit`` (preempted), ``nonfinite`` (failed), else null;
+    ``skipped_steps``: updates withheld by ``training.nonfinite=skip``."""
     path = Path(run_dir) / "exit_status.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps({"status": status, "step": step, "train_steps": train_steps,
                                "checkpoint": checkpoint, "signal": signal_name,
-                               "reason": reason}, indent=2) + "\n")
+                               "reason": reason, "skipped_steps": skipped_steps},
+                              indent=2) + "\n")
     os.replace(tmp, path)
     return path

@@ -11,6 +11,7 @@ signals, time limit, non-finite steps, loss spikes, the status file) is in
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,15 @@ from typing import Optional
 import torch
 
 from megatron_tst import mcore
-from megatron_tst.config import RunConfig
+from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_to_yaml
-from megatron_tst.data.build import build_run_data
+from megatron_tst.data.build import build_run_data, run_tokenizer_vocab
 from megatron_tst.data.datasets import iterate_microbatches
 from megatron_tst.models.gpt import build_model_chunks, count_parameters
 from megatron_tst.models.sizing import flops_per_step
 from megatron_tst.plan import RunPlan
 from megatron_tst.training import checkpoint as ckpt
+from megatron_tst.training import failpoints
 from megatron_tst.training.distributed import init_distributed
 from megatron_tst.training.faults import nonfinite_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
@@ -35,8 +37,8 @@ from megatron_tst.training.optim import TrainingOptimizer, wrap_model
 from megatron_tst.training.policies import (NonFinitePolicy, Outcome, SpikeWatch, StatusFile,
                                             StopConditions)
 from megatron_tst.training.resume import changes_schedule, check_resume
-from megatron_tst.training.rundir import write_run_config
-from megatron_tst.training.signals import FINISHED, STOPPED
+from megatron_tst.training.rundir import lock_run_dir, write_run_config
+from megatron_tst.training.signals import FAILED, FINISHED, STOPPED
 from megatron_tst.training.step import (PipelineRunner, make_forward_step,
                                         make_superposition_forward_step, reduce_loss)
 from megatron_tst.training.switch import apply_switch
@@ -57,6 +59,7 @@ class TrainResult:
     status: str = FINISHED
     signal: Optional[str] = None
     reason: Optional[str] = None  # signal | time_limit | nonfinite
+    skipped_steps: int = 0  # updates withheld (training.nonfinite=skip), over the whole run
 
 
 class Trainer:
@@ -65,13 +68,21 @@ class Trainer:
 
         self.cfg = cfg
         self.stop = StopConditions(cfg)  # exit signals are recorded from here on
+        self.lock = lock_run_dir(cfg, int(os.environ.get("RANK", 0)))  # refuses a second run
         self.env = init_distributed(cfg)
         self.stop.signals.device = self.env.device
         setup_logging(self.env.rank, self.env.is_logging_rank)
-        plan = plan or RunPlan.build(cfg, self.env.world_size)
-        self.data = build_run_data(cfg, plan.stream)
-        self.plan = plan.with_vocab(self.data.tokenizer.vocab_size,
-                                    cfg.data.tokenizer.path or "the demo tokenizer")
+        # Every check that can refuse the run comes before the run directory is written to (the
+        # demo data, megatron's index cache, metrics, run_config.yaml).
+        vocab, name = run_tokenizer_vocab(cfg)
+        self.plan = (plan or RunPlan.build(cfg, self.env.world_size)).with_vocab(vocab, name)
+        saved = ckpt.resolve_load_path(cfg)
+        accepted = check_resume(saved, self.plan) if saved is not None else []
+        self.data = build_run_data(cfg, self.plan.stream)
+        if self.data.tokenizer.vocab_size != vocab:
+            raise ConfigError(f"the run's tokenizer has {self.data.tokenizer.vocab_size:,} entries, "
+                              f"{vocab:,} expected ({name})", key="data.tokenizer.path",
+                              value=cfg.data.tokenizer.path)
         self.stream, self.schedule = self.plan.stream, self.plan.schedule
         self.layout = self.plan.layout.batch_layout(ps.get_data_parallel_rank())
 
@@ -91,27 +102,26 @@ class Trainer:
         self.flops_per_step = flops_per_step(cfg, self.plan.padded_vocab_size)
 
         self.state = ckpt.TrainState(data_chunk=self.stream.data_chunk,
-                                     vocab_size=self.plan.vocab_size)
+                                     vocab_size=self.plan.vocab_size, tokenizer_vocab=vocab)
         self.last_checkpoint: Optional[Path] = None
         self.saved_at: Optional[int] = None
-        saved = ckpt.resolve_load_path(cfg)
-        accepted = self._resume(saved) if saved is not None else []
+        if saved is not None:
+            self._load(saved, accepted)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_logging_rank,
                                      resumed_step=self.state.step)
-        self.nonfinite = NonFinitePolicy(cfg.training.nonfinite, self.metrics)
+        self.nonfinite = NonFinitePolicy(cfg.training, self.metrics)
         self.spikes = SpikeWatch(cfg.training.loss_spike_sigma, self.metrics,
                                  self.env.is_logging_rank)
         self.status = StatusFile(cfg, self.env.rank)
         self._announce(saved, accepted)
 
-    def _resume(self, saved) -> list:
-        """Check the recipe against the checkpoint (``training/resume.py``), then load it."""
-        accepted = check_resume(saved, self.plan)
+    def _load(self, saved, accepted: list) -> None:
+        """Load the checkpoint the resume checks accepted (``training/resume.py``)."""
         self.state = ckpt.load_checkpoint(saved, self.cfg, self.model, self.optimizer,
                                           rebuild_schedule=changes_schedule(accepted))
         self.state.vocab_size = self.plan.vocab_size
+        self.state.tokenizer_vocab = self.data.tokenizer.vocab_size
         self.last_checkpoint, self.saved_at = saved.path, self.state.step
-        return accepted
 
     def _announce(self, saved, accepted: list) -> None:
         if self.env.rank == 0:
@@ -168,33 +178,57 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Next-token loss on the held-out split; in the superposition phase also its MCE."""
+        """Next-token loss on the held-out split; in the superposition phase also its MCE.
+        {} when an exit signal or the time limit interrupts it."""
         runs = [("loss", Phase(RECOVERY, 1))]
         if self.state.phase == SUPERPOSITION:  # the phase of the last completed step
             runs.append(("mce", Phase(SUPERPOSITION, self.schedule.bag_size)))
         for chunk in self.model:
             chunk.eval()
-        out, steps = {}, self.cfg.training.eval_steps
+        out = {}
         for key, phase in runs:
-            batches = self._batches(self.data.valid, phase, 0, steps)
-            forward_step = self.forward_steps[phase.name == SUPERPOSITION]
-            loss_dicts = []
-            for _ in range(steps):
-                loss_dicts += self.runner(forward_step, batches, forward_only=True)
-            loss = reduce_loss(loss_dicts)
+            loss, interrupted = self._validation_loss(phase)
+            if interrupted:
+                out = {}
+                break
             if loss is not None:
-                out[key] = loss.item()
+                out[key] = loss
         for chunk in self.model:
             chunk.train()
         if self.cfg.model.num_moe_experts:
             moe_metrics(1)  # drop what validation added to the router tracker
         return out
 
+    def _validation_loss(self, phase: Phase) -> tuple[Optional[float], bool]:
+        """(loss over training.eval_steps batches of ``phase``, interrupted). The stop
+        conditions are checked after every batch, so a signal is honoured within one batch."""
+        steps = self.cfg.training.eval_steps
+        batches = self._batches(self.data.valid, phase, 0, steps)
+        forward_step = self.forward_steps[phase.name == SUPERPOSITION]
+        loss_dicts = []
+        for _ in range(steps):
+            loss_dicts += self.runner(forward_step, batches, forward_only=True)
+            failpoints.signal_if("eval:signal", self.state.step)
+            if self.stop.check():
+                return None, True
+        loss = reduce_loss(loss_dicts)
+        return (None if loss is None else loss.item()), False
+
     def save(self) -> None:
         tic = time.time()
-        with self.stop.signals.blocked():
-            self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
-                                                        self.state)
+        try:
+            with self.stop.signals.blocked():
+                self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
+                                                            self.state,
+                                                            protect=self.nonfinite.protected)
+        except ckpt.SaveError as err:
+            log.error("step %d: %s", self.state.step, err)
+            self.metrics.event(self.state.step, f"save failed: {err.reason}")
+            self.metrics.close()
+            self.status.write(FAILED, self.state.step, self.last_checkpoint and
+                              str(self.last_checkpoint), None, err.reason,
+                              self.state.skipped_steps)
+            raise
         self.stop.last_save_s = time.time() - tic
         self.saved_at = self.state.step
         self.metrics.event(self.state.step, f"saved checkpoint {self.last_checkpoint}")
@@ -217,7 +251,9 @@ class Trainer:
             m = self.train_step(phase, batches)
             elapsed = time.time() - tic
             self.stop.longest_step_s = max(self.stop.longest_step_s, elapsed)
-            if m.get("nonfinite") and (outcome := self.nonfinite(m, st, self._save_if_needed)):
+            if not m.get("nonfinite"):
+                self.nonfinite.trained()
+            elif outcome := self.nonfinite(m, st, self._save_if_needed, self.last_checkpoint):
                 break
             self._advance(phase, m, elapsed)
             train_loss = m["loss"] if m["loss"] is not None else train_loss
@@ -239,8 +275,12 @@ class Trainer:
             FINISHED if st.step >= t.train_steps else STOPPED, None, None)
         result = TrainResult(st.step, train_loss, valid_loss,
                              str(self.last_checkpoint) if self.last_checkpoint else None,
-                             st.consumed_tokens, time.time() - start, status, signal_name, reason)
-        self.status.write(status, st.step, result.checkpoint, signal_name, reason)
+                             st.consumed_tokens, time.time() - start, status, signal_name, reason,
+                             st.skipped_steps)
+        self.status.write(status, st.step, result.checkpoint, signal_name, reason,
+                          st.skipped_steps)
+        if self.lock is not None:
+            self.lock.release()
         return result
 
     def _enter_phase(self, previous: Optional[Phase], stop_at: int):
@@ -283,7 +323,9 @@ class Trainer:
         return self.stop.outcome(received)
 
     def _log_eval(self) -> Optional[float]:
+        tic = time.time()
         losses = self.evaluate()
+        self.stop.longest_eval_s = max(self.stop.longest_eval_s, time.time() - tic)
         if self.env.is_logging_rank and losses:
             self.metrics.log(self.state.step, losses, kind="valid")
             extra = f" | validation MCE {losses['mce']:.4f}" if "mce" in losses else ""

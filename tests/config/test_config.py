@@ -144,3 +144,20 @@ def test_round_trip_through_yaml(recipe):
 def test_shipped_recipes_load(path):
     cfg = load_config(path)
     assert cfg.name
+
+
+def test_recipes_that_are_not_regular_files_and_warmup_over_the_run(tmp_path):
+    """``/dev/zero`` exists but is no recipe; warmup that takes every step says so."""
+    for path in ("/dev/zero", "/dev/null"):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_config(path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: /dev/zero\n")
+    with pytest.raises(ConfigError, match=r"/dev/zero \(named as base by .*\) is not a regular file"):
+        load_config(str(recipe))
+    with pytest.raises(ConfigError, match="must be less than training.train_steps=2: warmup"):
+        load_config(None, ["data.source=demo", "training.train_steps=2",
+                           "schedule.warmup_steps=2"])
+    with pytest.raises(ConfigError, match=r"warmup plus decay \(5 \+ 6 steps\) exceeds"):
+        load_config(None, ["data.source=demo", "training.train_steps=10",
+                           "schedule.warmup_steps=5", "schedule.decay_fraction=0.6"])

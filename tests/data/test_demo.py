@@ -62,10 +62,17 @@ def test_prepare_demo_subset_and_cache(tmp_path):
     assert redone == data
     _check_prepared(redone, 512)
 
-    # different arguments prepare again
+    # a damaged manifest (valid JSON of another shape, or not text) is redone, not a traceback
+    for damage in (b"[1, 2]", b'{"arguments": 1}', b"\xff\xfe"):
+        (cache / "manifest.json").write_bytes(damage)
+        assert prepare_demo_data(cache, vocab_size=512, max_documents=40) == data
+
+    # different arguments prepare again, aside: until complete the cache is the previous one
     other = prepare_demo_data(cache, vocab_size=600, max_documents=40)
     assert other.vocab_size == 600 and other.num_train_tokens != data.num_train_tokens
     assert json.loads((cache / "manifest.json").read_text())["arguments"]["vocab_size"] == 600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [
+        f".{cache.name}.lock"]  # no staging or old copy left behind
 
 
 def test_prepare_demo_argument_errors(tmp_path):

@@ -171,3 +171,20 @@ def test_nope_layers_follow_smollm3():
     cfg.model.num_layers, cfg.model.no_rope_freq = 8, 4
     assert nope_layers(cfg) == [1, 1, 1, 0, 1, 1, 1, 0]
     np.testing.assert_array_equal(nope_layers(cfg), [int((i + 1) % 4 != 0) for i in range(8)])
+
+
+def test_eval_and_export_refuse_another_tokenizer(dense_run, synthetic_data, tmp_path, capsys):
+    """A tokenizer of another size than the run's (e.g. a run directory whose data was rebuilt)
+    would decode the ids to other tokens: refused in one line, nothing exported."""
+    import sentencepiece as spm
+
+    words = [f"w{i} x{i % 7} y{i % 13}" for i in range(400)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(words), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=128, model_type="bpe", minloglevel=2)
+    other = str(tmp_path / "other.model")
+    err = run_main(["eval", str(dense_run), "--data", synthetic_data["valid"], "--tokenizer",
+                    other], capsys)
+    assert "has 128 entries" in err and "used one of 96" in err and "--tokenizer" in err
+    err = run_main(["export", str(dense_run), "--to", "hf", str(tmp_path / "hf"), "--tokenizer",
+                    other], capsys)
+    assert "has 128 entries" in err and not (tmp_path / "hf").exists()

@@ -131,6 +131,16 @@ def test_inspect_prints_a_recipe_report():
     assert bad.returncode == 2 and "world size 3" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_inspect_of_the_cpu_demo_recipe_as_documented():
+    """A CPU recipe on its own processes, the vocabulary from the demo settings; a layout that
+    does not fit names the GPU count it was checked on."""
+    report = json.loads(run_cli(["inspect", "configs/demo-cpu.yaml", "--json"]).stdout)
+    assert report["layout"]["gpus"] == 1 and report["model"]["vocab"] == 4096
+    bad = run_cli(["inspect", "configs/demo-cpu.yaml", "training.global_batch_size=12",
+                   "training.micro_batch_size=8"], check=False)
+    assert bad.returncode == 2 and "--gpus 1, the default for a CPU recipe" in bad.stderr
+
+
 SHRINK = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
           "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=32",
           "model.vocab_size=null", "training.train_steps=4", "training.micro_batch_size=2",

@@ -78,6 +78,18 @@ def test_retention_counts_complete_checkpoints_only(tmp_path):
     assert [p.name for _, p in ckpt.step_dirs(tmp_path)] == ["step_0000004"]
 
 
+def test_retention_keeps_the_checkpoint_before_skipped_steps(tmp_path):
+    """keep_last=1 while non-finite steps are being skipped: the last checkpoint taken before
+    the first skip (``protect``) stays, whatever was saved since."""
+    for step in (2, 4, 6):
+        d = tmp_path / ckpt.step_dir_name(step)
+        d.mkdir()
+        (d / ckpt.RECORD).write_text('{"format_version": 1}')
+    ckpt._prune(tmp_path, keep_last=1, keep=tmp_path / "step_0000006",
+                protect=tmp_path / "step_0000002")
+    assert [p.name for _, p in ckpt.step_dirs(tmp_path)] == ["step_0000002", "step_0000006"]
+
+
 def test_unknown_or_newer_format_is_refused(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     run_cli(["train", str(tiny_recipe), f"run_dir={run}", "training.train_steps=2",

@@ -38,16 +38,38 @@ def test_time_limit_leaves_room_for_the_longest_step_and_a_save(tmp_path):
 def test_nonfinite_skip_counts_and_stop_saves(tmp_path):
     metrics = MetricsLogger(cfg(tmp_path), enabled=True)
     state, saved = TrainState(step=4), []
-    skip = NonFinitePolicy("skip", metrics)
+    skip = NonFinitePolicy(cfg(tmp_path, "training.nonfinite=skip").training, metrics)
     assert skip({"nonfinite": ["loss"]}, state, lambda: saved.append(state.step)) is None
     assert state.skipped_steps == 1 and saved == []
-    stop = NonFinitePolicy("stop", metrics)
+    stop = NonFinitePolicy(cfg(tmp_path).training, metrics)
     assert stop({"nonfinite": ["loss", "grad"]}, state, lambda: saved.append(state.step)) == \
         Outcome(FAILED, "nonfinite")
     assert saved == [4]
     metrics.close()
     events = [json.loads(line)["message"] for line in (tmp_path / "metrics.jsonl").open()]
     assert events == ["non-finite loss: update skipped", "non-finite loss and grad: stopped"]
+
+
+def test_skipping_is_bounded_and_protects_the_last_good_checkpoint(tmp_path):
+    """Past training.max_consecutive_skips in a row, or training.max_skipped_steps in all, the
+    run stops as nonfinite; the checkpoint saved before a streak is protected until a step
+    trains again."""
+    c = cfg(tmp_path, "training.nonfinite=skip", "training.max_consecutive_skips=2",
+            "training.max_skipped_steps=3")
+    metrics, state, saved = MetricsLogger(c, enabled=False), TrainState(step=10), []
+    policy = NonFinitePolicy(c.training, metrics)
+    bad = {"nonfinite": ["grad"]}
+    assert policy(bad, state, lambda: saved.append(1), "step_0000010") is None
+    assert policy(bad, state, lambda: saved.append(1), "step_0000011") is None
+    assert policy.protected == "step_0000010"  # the one before the streak, not a later one
+    assert policy(bad, state, lambda: saved.append(1)) == Outcome(FAILED, "nonfinite")  # 3 in a row
+    assert saved == [1] and state.skipped_steps == 3
+    policy, state = NonFinitePolicy(c.training, metrics), TrainState(skipped_steps=3)
+    assert policy(bad, state, lambda: None) == Outcome(FAILED, "nonfinite")  # 4 in the run
+    policy = NonFinitePolicy(c.training, metrics)
+    policy(bad, TrainState(), lambda: None, "step_0000002")
+    policy.trained()
+    assert policy.protected is None and policy.consecutive == 0
 
 
 def test_spikes_are_flagged_and_the_switch_is_an_event(tmp_path):
@@ -71,4 +93,5 @@ def test_status_file_is_written_by_rank_zero_only(tmp_path):
     StatusFile(c, rank=0).write("preempted", 7, "ckpt", "SIGTERM", "signal")
     status = json.loads((tmp_path / "exit_status.json").read_text())
     assert status == {"status": "preempted", "step": 7, "train_steps": c.training.train_steps,
-                      "checkpoint": "ckpt", "signal": "SIGTERM", "reason": "signal"}
+                      "checkpoint": "ckpt", "signal": "SIGTERM", "reason": "signal",
+                      "skipped_steps": 0}
