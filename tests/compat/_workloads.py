@@ -265,6 +265,8 @@ def _worker(rank, args, port, tmp):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=args.nproc)
     results = [{"rank": rank, "probe": "applied", "ok": True, "value": applied}]
+    with open(os.path.join(tmp, f"results.{rank}.json"), "w") as f:
+        json.dump(results, f)  # recorded even if a probe then takes the process down
     for name in args.probes:
         try:
             result = {"ok": True, "value": PROBES[name]()}

@@ -40,9 +40,11 @@ def test_patch_is_needed(runs, name):
         return
     without = runs[name].result()
     assert without.returncode != 0, f"{name} excluded yet everything ran:\n{without.describe()}"
+    assert (0, "applied") in without.results, without.describe()
     assert name not in without.results[(0, "applied")]["value"]
     for rank in range(nproc):
         for probe in probes:
+            assert (rank, probe) in without.results, without.describe()  # the process died
             r = without.results[(rank, probe)]
             assert not r["ok"], f"{probe} ran without {name}"
             assert re.search(error, r["error"]), r["traceback"]
