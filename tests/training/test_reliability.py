@@ -59,6 +59,7 @@ def test_a_refused_resume_writes_nothing(tiny_recipe, tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.newest_line
 def test_one_run_per_run_directory_and_stale_locks_do_not_block(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "megatron_tst.cli", "train", str(tiny_recipe),
@@ -108,6 +109,7 @@ def test_damaged_checkpoints_are_refused_and_skipped_by_a_resume(tiny_recipe, tm
     assert [r["step"] for r in read_metrics(run)][-4:] == [3, 4, 5, 6]
 
 
+@pytest.mark.newest_line
 def test_a_damaged_latest_marker_is_treated_as_missing(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     run_cli(["train", str(tiny_recipe), f"run_dir={run}", *SHORT])
@@ -153,7 +155,7 @@ def test_unwritable_outputs_and_unreadable_checkpoints_are_one_line(tmp_path, sy
     assert res.returncode == 2 and "cannot read the common state" in one_line(res)
 
 
-@pytest.mark.newest_line
+@pytest.mark.slow
 def test_a_signal_during_evaluation_stops_within_one_batch(tiny_recipe, tmp_path):
     """SIGTERM at the first of 500 validation batches (the eval:signal failpoint): the
     evaluation is abandoned (no validation record), the step is saved, exit 75."""
@@ -168,7 +170,7 @@ def test_a_signal_during_evaluation_stops_within_one_batch(tiny_recipe, tmp_path
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 
-@pytest.mark.newest_line
+@pytest.mark.slow
 def test_a_full_disk_ends_the_save_cleanly(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     res = run_cli(["train", str(tiny_recipe), f"run_dir={run}", *SHORT],
@@ -182,7 +184,7 @@ def test_a_full_disk_ends_the_save_cleanly(tiny_recipe, tmp_path):
     assert (root / "latest").read_text().strip() == "step_0000002"
 
 
-@pytest.mark.newest_line
+@pytest.mark.slow
 def test_skipped_steps_are_bounded_reported_and_keep_the_last_good_checkpoint(tiny_recipe,
                                                                                tmp_path):
     """A NaN at every step from step 3 on: two skips are allowed in a row, the third stops the
