@@ -23,7 +23,7 @@ from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import apply_overrides, build_config
 from megatron_tst.plan import RunPlan, padded_vocab_size
 from megatron_tst.training.saved import (EMBEDDING_KEY, CheckpointError, SavedCheckpoint,
-                                         model_keys)
+                                         load_errors, model_keys)
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def load_model_weights(path: Path, models: list) -> None:
     with torch.no_grad():
         try:
             loaded = dist_checkpointing.load(sharded, str(path))
-        except Exception as err:
+        except load_errors() as err:
             raise CheckpointError(
                 f"cannot load the model weights of {path} into the model its run config "
                 f"describes ({type(err).__name__}: {str(err)[:600]})") from None

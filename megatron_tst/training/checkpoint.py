@@ -37,8 +37,9 @@ from megatron_tst.training.optim import TrainingOptimizer
 from megatron_tst.training.saved import (FORMAT_VERSION, LATEST, RECORD, STEP_DIR,
                                          CheckpointError, DamagedCheckpointError,
                                          SavedCheckpoint, damaged, digest_files, is_complete,
-                                         latest_checkpoint, model_keys, open_checkpoint,
-                                         record_files, step_dir_name, step_dirs, verify_files)
+                                         latest_checkpoint, load_errors, model_keys,
+                                         open_checkpoint, record_files, step_dir_name,
+                                         step_dirs, verify_files)
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ def load_checkpoint(saved: SavedCheckpoint, cfg: RunConfig, model_chunks,
                 chunk.load_state_dict(loaded[key])
         optimizer.load(loaded["optimizer"] if with_optimizer else None, loaded["scheduler"],
                        rebuild_schedule=rebuild_schedule)
-    except Exception as err:
+    except load_errors() as err:
         why = f"{type(err).__name__}: {str(err)[:300]}"
         if written_by in (None, running):
             raise CheckpointError(

@@ -45,6 +45,14 @@ class CheckpointError(InputError):
     kind = "checkpoint error"
 
 
+def load_errors() -> tuple:
+    """What reading a damaged dist checkpoint raises: any Exception, and torch's
+    ``CheckpointException``, which derives from ``BaseException`` (a missing shard file)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
 class DamagedCheckpointError(CheckpointError):
     """A complete checkpoint whose files are not as they were written: a file missing, cut,
     changed (its size or CRC32 differs from the completion record) or unreadable. A resume
@@ -222,6 +230,10 @@ def find_checkpoint(target: str | Path, key: Optional[str] = None) -> Path:
         raise fail(f"{path} is not a complete megatron-tst checkpoint (no {RECORD}): its save was "
                    f"interrupted, or another program wrote it. Use an earlier step_* directory, "
                    f"or the checkpoint root (its 'latest' names the newest complete one)")
+    if not read_record(path):
+        raise DamagedCheckpointError(
+            f"{path / RECORD} is damaged (not a JSON object): the completion record cannot say "
+            f"what the checkpoint holds; use an earlier checkpoint", key=key, value=str(target))
     version = read_record(path).get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) \
             or not 1 <= version <= FORMAT_VERSION:
@@ -304,7 +316,7 @@ def open_checkpoint(target: str | Path, key: Optional[str] = None, *,
         raise damaged(path, problems, key, target)
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as err:  # megatron raises several kinds for unreadable files
+    except load_errors() as err:  # megatron and torch raise several kinds for unreadable files
         raise DamagedCheckpointError(
             f"cannot read the common state of {path} ({type(err).__name__}: {str(err)[:300]}); "
             f"the checkpoint is damaged or was not written by megatron-tst", key=key,

@@ -41,3 +41,31 @@ def test_checksum_benchmark_runs():
                           "--gib", "0.02", "--files", "2", "--ranks", "64"],
                          capture_output=True, text=True, timeout=600, check=True)
     assert "GiB/s" in res.stdout and "over 64 ranks" in res.stdout
+
+
+def test_damaged_records_and_shards_are_checkpoint_errors(tmp_path):
+    """A record that is not a JSON object is damage (auto-resume skips it); a missing shard
+    (on 0.19, where the common state lives in the shards, torch raises a BaseException) is one
+    CheckpointError, never a traceback."""
+    import shutil
+
+    import pytest
+
+    from megatron_tst import mcore
+
+    src = ROOT / "tests" / "fixtures" / "checkpoints" / f"mcore-{mcore.installed()}"
+    step = tmp_path / "step_0000004"
+    shutil.copytree(src / "step_0000004", step)
+    good = (step / saved.RECORD).read_bytes()
+    for damage in (b"\xff\xfe", good[:20], b"[1]"):
+        (step / saved.RECORD).write_bytes(damage)
+        with pytest.raises(saved.DamagedCheckpointError, match="checkpoint.json is damaged"):
+            saved.open_checkpoint(step)
+    (step / saved.RECORD).write_bytes(good)
+    for shard in step.glob("*.distcp"):
+        shard.unlink()
+    if mcore.installed() >= mcore.COMMON_STATE_IN_SHARDS:
+        with pytest.raises(saved.DamagedCheckpointError, match="cannot read the common state"):
+            saved.open_checkpoint(step)
+    else:  # 0.16.1 keeps the common state in common.pt: the shards are read by the load
+        assert saved.open_checkpoint(step).step == 4
