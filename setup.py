@@ -29,6 +29,10 @@ setup(
         "PyYAML>=6",
         "wandb",
         "tqdm",
+        # preprocess: DCLM's .jsonl.zst shards, FineWeb-Edu's parquet shards and Hugging Face
+        # datasets saved to disk (arrow), read streaming (docs/data.md)
+        "zstandard",
+        "pyarrow",
     ],
     extras_require={
         "demo": ["gensim==4.4.0"],  # ships the real English demo corpus (Wikipedia pages, news)
@@ -41,7 +45,9 @@ setup(
         "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "gensim==4.4.0", "tokenizers>=0.15",
                 "tensorboard",
                 "transformers>=4.56", "safetensors", "protobuf",
-                "matplotlib", "scipy", "triton>=3.0; platform_system == 'Linux'"],
+                "matplotlib", "scipy", "triton>=3.0; platform_system == 'Linux'",
+                # the data tests write a real Hugging Face dataset with save_to_disk
+                "datasets"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megatron-tst=megatron_tst.cli:main"]},

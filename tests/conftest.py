@@ -103,8 +103,9 @@ def tiny_recipe(tmp_path, synthetic_data) -> Path:
 
 
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
-            check: bool = True):
-    """Run ``megatron-tst`` in a fresh process (torchrun for nproc > 1); return the result."""
+            check: bool = True, cwd: Path = REPO):
+    """Run ``megatron-tst`` in a fresh process (torchrun for nproc > 1) in ``cwd``; return the
+    result."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_tst.cli", *args]
     else:
@@ -115,7 +116,7 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | Non
     # process killed mid-run (the crash tests) leaves helper processes (megatron's checkpoint
     # writer) that would hold a pipe open.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=REPO,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=cwd,
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)

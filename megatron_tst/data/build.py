@@ -1,7 +1,10 @@
 """Tokenizer and datasets for a run, from ``cfg.data``, checked before megatron-core reads them.
 
 ``data.source: demo`` prepares the bundled corpus (rank 0, cached under ``<run_dir>/data``);
-``data.source: indexed`` reads indexed datasets written by ``megatron-tst preprocess``.
+``data.source: indexed`` reads indexed datasets written by ``megatron-tst preprocess``: each entry
+of ``data.train_paths`` / ``data.valid_paths`` is a prefix, a directory written by ``preprocess
+--output-dir`` (or its ``manifest.json``), or a directory of ``.bin``/``.idx`` files;
+``megatron_tst.data.blend`` expands them into datasets and megatron's weights.
 
 ``check_run_data(cfg, stream)`` runs every check of the tokenizer and the indexed datasets that needs
 neither a process group nor megatron-core (``megatron_tst.data.checks``): ``megatron-tst train``
@@ -18,9 +21,9 @@ from typing import Optional
 
 from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.config.loader import config_source
+from megatron_tst.data.blend import Blend, resolve_blend
 from megatron_tst.data.checks import (VALID_SPLIT, DataSource, IndexedFiles, SampleShape,
-                                      SplitPart, check_split, check_token_ids, read_index,
-                                      split_bounds)
+                                      SplitPart, check_split, check_token_ids, split_bounds)
 from megatron_tst.data.errors import DataError
 from megatron_tst.data.stream import DataStream
 
@@ -33,7 +36,9 @@ class RunData:
 
 
 def resolve_data_paths(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
-    """(tokenizer path, train prefixes, valid prefixes); prepares the demo corpus if asked."""
+    """(tokenizer path, train entries, valid entries) as the recipe gives them (prefixes,
+    directories or manifests: :func:`megatron_tst.data.blend.resolve_blend` expands them); the
+    demo corpus's prefixes, prepared if need be, when ``data.source=demo``."""
     import torch.distributed as dist
 
     d = cfg.data
@@ -126,6 +131,7 @@ def run_tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------- checks
 def _sources(cfg: RunConfig, paths: list[str], key: str) -> list[DataSource]:
+    """One DataSource per entry of a recipe's path list (what it names, and its key)."""
     if cfg.data.source == "demo":
         return [DataSource(p, "data.source", f"the demo corpus ({p})") for p in paths]
     return [DataSource(p, f"{key}[{i}]") for i, p in enumerate(paths)]
@@ -140,40 +146,50 @@ def _split_parts(cfg: RunConfig, train: list[IndexedFiles], valid: list[IndexedF
     train_parts, valid_parts = [], []
     for f in train:
         (a, b), (c, d), _ = split_bounds(f.num_sequences)
+        ends = [i for i in (b - 1, d - 1) if i >= 0]
+        begins = [i for i in (a, c) if i < f.num_sequences]
+        f.load({"pointers": begins + ends, "lengths": ends})  # both parts' tokens: one open
         train_parts.append(SplitPart(f, a, b, f"the training split ({train_pct}%) of"))
         valid_parts.append(SplitPart(f, c, d, f"the validation split ({valid_pct}%) of"))
     return train_parts, valid_parts
 
 
 def _check(cfg: RunConfig, stream: DataStream, tokenizer, tok_path: str,
-           train_paths: list[str], valid_paths: list[str]) -> None:
+           train_paths: list[str], valid_paths: list[str]) -> Blend:
+    """Expand the entries into datasets and weights (``megatron_tst.data.blend``: every index
+    read, manifests matched to the tokenizer), then check token ids and split sizes."""
     shape = SampleShape(stream.seq_length, stream.data_chunk, cfg.training.train_steps)
     try:
-        train = [read_index(s) for s in _sources(cfg, train_paths, "data.train_paths")]
-        valid = [read_index(s) for s in _sources(cfg, valid_paths, "data.valid_paths")]
+        blend = resolve_blend(_sources(cfg, train_paths, "data.train_paths"),
+                              _sources(cfg, valid_paths, "data.valid_paths"),
+                              cfg.data.train_weights,
+                              tokenizer_file=getattr(tokenizer, "path", None),
+                              tokenizer_path=tok_path)
+        train, valid = list(blend.train), list(blend.valid)
         name = f"the tokenizer {tok_path}"
         for files in train + valid:
-            check_token_ids(files, tokenizer.vocab_size, name)
+            check_token_ids(files, tokenizer.vocab_size, name, sample=blend.sample)
         train_parts, valid_parts = _split_parts(cfg, train, valid)
-        check_split(train_parts, weights=cfg.data.train_weights, num_samples=stream.train_chunks,
+        check_split(train_parts, weights=blend.train_weights, num_samples=stream.train_chunks,
                     shape=shape, needs_all_samples=True,
                     size_fix="give data.train_weights (a weighted blend repeats each dataset as "
                              "needed), more data, or fewer training.train_steps")
         valid_fix = ("give fewer training.eval_steps, more validation data in data.valid_paths, "
                      "or set training.eval_interval=0" if valid else
                      "give a held-out dataset in data.valid_paths, or more documents")
-        check_split(valid_parts, weights=None if valid else cfg.data.train_weights,
+        check_split(valid_parts, weights=None if valid else blend.train_weights,
                     num_samples=stream.valid_chunks, shape=shape,
                     needs_all_samples=cfg.training.eval_interval > 0, size_fix=valid_fix)
     except DataError as err:
         raise err.with_source(config_source(cfg, err.key)) from None
+    return blend
 
 
 def check_run_data(cfg: RunConfig, stream: DataStream) -> None:
-    """Every data check that needs no process group: the tokenizer loads, each indexed dataset is
-    whole and made with it, and each split can give the samples the run asks for. Indexed data
-    only (the demo corpus is prepared, then checked, inside the run). Raises ``ConfigError`` or
-    ``DataError``."""
+    """Every data check that needs no process group: the tokenizer loads, the recipe's entries
+    expand (directories, manifests), each indexed dataset is whole and made with the tokenizer,
+    and each split can give the samples the run asks for. Indexed data only (the demo corpus is
+    prepared, then checked, inside the run). Raises ``ConfigError`` or ``DataError``."""
     if cfg.data.source != "indexed":
         return
     tokenizer = load_run_tokenizer(cfg, light=True)
@@ -187,11 +203,12 @@ def build_run_data(cfg: RunConfig, stream: DataStream) -> RunData:
 
     tok_path, train_paths, valid_paths = resolve_data_paths(cfg)
     tokenizer = load_run_tokenizer(cfg, tok_path)
-    _check(cfg, stream, tokenizer, tok_path, train_paths, valid_paths)
+    blend = _check(cfg, stream, tokenizer, tok_path, train_paths, valid_paths)
     sequence_length = stream.chunk_tokens
     num_train_samples, num_valid_samples = stream.train_chunks, stream.valid_chunks
     train, valid = build_gpt_datasets(
-        train_paths=train_paths, train_weights=cfg.data.train_weights, valid_paths=valid_paths,
+        train_paths=blend.train_prefixes, train_weights=blend.train_weights,
+        valid_paths=blend.valid_prefixes,
         tokenizer=tokenizer, sequence_length=sequence_length, seed=cfg.seed,
         num_train_samples=num_train_samples, num_valid_samples=num_valid_samples,
         cache_dir=str(Path(cfg.resolved_run_dir) / "cache"))

@@ -41,13 +41,21 @@ class BatchLayout:
 
 
 def _blend(paths: Sequence[str], weights: Optional[Sequence[float]], key: str):
+    """megatron's ``(prefixes, weights)`` of a blend of indexed datasets."""
     for prefix in paths:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
+                expand = (f"; {prefix} is a directory or a manifest: expand it into its datasets "
+                          f"and weights first (megatron_tst.data.blend.resolve_blend, as "
+                          f"build_run_data does)"
+                          if Path(prefix).is_dir() or prefix.endswith(".json") else "")
                 raise ConfigError(f"indexed dataset file {prefix + suffix} not found; give the "
-                                  f"prefix written by `megatron-tst preprocess --output-prefix`",
-                                  key=key, value=prefix)
-    return (list(paths), list(weights) if weights is not None else None)
+                                  f"prefix written by `megatron-tst preprocess --output-prefix`"
+                                  f"{expand}", key=key, value=prefix)
+    if weights is not None and len(weights) != len(paths):
+        raise ConfigError(f"{len(weights)} weights for {len(paths)} datasets: give one weight "
+                          f"per dataset", key="data.train_weights", value=list(weights))
+    return (list(paths), [float(w) for w in weights] if weights is not None else None)
 
 
 def build_gpt_datasets(*, train_paths: Sequence[str], train_weights: Optional[Sequence[float]],
@@ -55,8 +63,10 @@ def build_gpt_datasets(*, train_paths: Sequence[str], train_weights: Optional[Se
                        num_train_samples: int, num_valid_samples: int, cache_dir: str):
     """(train, valid) megatron ``GPTDataset``s of ``sequence_length``-token samples.
 
-    Validation uses ``valid_paths`` when given, else a 2% split of the training blend
-    (:data:`~megatron_tst.data.checks.VALID_SPLIT`). Check the data first
+    ``train_paths`` / ``valid_paths`` are prefixes (a recipe's directories and manifests expanded
+    by :func:`megatron_tst.data.blend.resolve_blend`, which also gives ``train_weights``: one per
+    prefix, or None). Validation uses ``valid_paths`` when given, else a 2% split of the training
+    blend (:data:`~megatron_tst.data.checks.VALID_SPLIT`). Check the data first
     (``megatron_tst.data.build``): megatron trusts the files, and loops forever on an empty split.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (

@@ -1,11 +1,11 @@
-"""Tokenize text or JSONL files into megatron-core indexed datasets (``<prefix>.bin`` + ``<prefix>.idx``).
+"""Tokenize text, JSON Lines, Parquet or Arrow data into megatron-core indexed datasets
+(``<prefix>.bin`` + ``<prefix>.idx``).
 
-Input formats (chosen by file name; each may also be compressed as ``.gz`` or ``.bz2``):
-
-* ``.jsonl``: one JSON object per line, the document text under ``text_key`` (default ``"text"``).
-  Blank lines are ignored.
-* ``.txt``: plain UTF-8 text, documents separated by one or more blank lines (lines holding only
-  whitespace count as blank). Line breaks inside a document are kept.
+Inputs are files, directories and glob patterns, read by :mod:`megatron_tst.data.sources` (which
+documents the formats: ``.jsonl``/``.json`` and ``.txt``, optionally ``.gz``/``.bz2``/``.zst``
+compressed, ``.parquet``, Hugging Face datasets saved to disk). In ``.txt`` files documents are
+separated by one or more blank lines (lines holding only whitespace count as blank); line breaks
+inside a document are kept.
 
 Every document becomes one sequence of one document in the indexed dataset: its token ids followed
 by the tokenizer's ``eod`` id. Documents that are empty or whitespace-only are skipped (counted in
@@ -20,21 +20,26 @@ worker, results come back in input order), so the output is byte-identical to ``
 from __future__ import annotations
 
 import argparse
-import bz2
-import gzip
 import itertools
-import json
 import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy
 
 from megatron_tst.data.errors import DataError
+from megatron_tst.data.sources import (
+    SUPPORTED_SUFFIXES,
+    DocumentCounter,
+    ExpandedInputs,
+    Source,
+    expand_inputs,
+    read_documents,
+)
 
 __all__ = [
     "DataError",
@@ -47,8 +52,6 @@ __all__ = [
     "run_preprocess",
 ]
 
-SUPPORTED_SUFFIXES = (".jsonl", ".txt")
-_COMPRESSIONS = (".gz", ".bz2")
 _BATCH_DOCUMENTS = 64  # documents per task sent to a worker
 _PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar when the inputs are at least this large
 
@@ -72,149 +75,23 @@ class PreprocessResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading inputs
+# Reading inputs (megatron_tst.data.sources)
 # --------------------------------------------------------------------------------------------------
-def _input_format(path: Path) -> tuple[str, str | None]:
-    """(".jsonl" | ".txt", compression or None) from the file name."""
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = suffixes[-1] if suffixes and suffixes[-1] in _COMPRESSIONS else None
-    if compression:
-        suffixes = suffixes[:-1]
-    fmt = suffixes[-1] if suffixes else ""
-    if fmt not in SUPPORTED_SUFFIXES:
-        raise DataError(
-            f"{path}: unsupported input format {''.join(path.suffixes) or '(no suffix)'!r}. Use "
-            "'.jsonl' (one JSON object per line) or '.txt' (documents separated by blank lines), "
-            "optionally compressed as '.gz' or '.bz2'; rename the file accordingly."
-        )
-    return fmt, compression
+def _sources(inputs: Sequence[Path | str] | ExpandedInputs) -> list[Source]:
+    if isinstance(inputs, ExpandedInputs):
+        return list(inputs.sources)
+    return expand_inputs(inputs).sources
 
 
-def _check_inputs(inputs: Sequence[Path | str]) -> list[Path]:
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise DataError("no input files given: pass at least one .jsonl or .txt file")
-    for path in paths:
-        if not path.exists():
-            raise DataError(f"{path}: input file not found; check the path (and the working directory)")
-        if not path.is_file():
-            raise DataError(f"{path}: not a regular file; pass the data files themselves, not a directory")
-        _input_format(path)
-    return paths
+def iter_documents(inputs: Sequence[Path | str] | ExpandedInputs, text_key: str = "text") -> Iterator[str]:
+    """Stream the documents of all inputs (files, directories, glob patterns: see
+    :mod:`megatron_tst.data.sources` for the formats), in order.
 
-
-def _open_binary(path: Path, compression: str | None) -> IO[bytes]:
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression == ".bz2":
-        return bz2.open(path, "rb")
-    return open(path, "rb")
-
-
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline), failing with a DataError on bad bytes."""
-    _, compression = _input_format(path)
-    try:
-        with _open_binary(path, compression) as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(
-                        f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} at "
-                        f"column {err.start + 1}). Re-encode the file as UTF-8, e.g. "
-                        f"`iconv -f latin1 -t utf-8 {path.name}`."
-                    ) from None
-                if lineno == 1 and line.startswith("\ufeff"):
-                    line = line[1:]  # UTF-8 byte order mark
-                yield lineno, line.rstrip("\r\n")
-    except (OSError, EOFError) as err:
-        raise DataError(
-            f"{path}: cannot read {'compressed ' if compression else ''}data ({err}). "
-            "Check that the file is complete and matches its suffix."
-        ) from None
-
-
-class _Counter:
-    def __init__(self) -> None:
-        self.documents = 0
-        self.skipped = 0
-
-
-def _jsonl_documents(path: Path, text_key: str, counter: _Counter) -> Iterator[str]:
-    for lineno, line in _decoded_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno}). Each line of a "
-                ".jsonl file must be one complete JSON object; plain text belongs in a '.txt' file."
-            ) from None
-        if not isinstance(record, dict):
-            raise DataError(
-                f"{path}:{lineno}: expected a JSON object like {{\"{text_key}\": \"...\"}}, "
-                f"got {type(record).__name__}"
-            )
-        if text_key not in record:
-            keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-            raise DataError(
-                f"{path}:{lineno}: no {text_key!r} key in the JSON object (keys: {keys}). "
-                "Pass the right key with --text-key / text_key=."
-            )
-        text = record[text_key]
-        if not isinstance(text, str):
-            raise DataError(
-                f"{path}:{lineno}: the {text_key!r} value must be a string, got {type(text).__name__}"
-            )
-        if not text.strip():
-            counter.skipped += 1
-            continue
-        counter.documents += 1
-        yield text
-
-
-def _txt_documents(path: Path, counter: _Counter) -> Iterator[str]:
-    lines: list[str] = []
-    for _, line in _decoded_lines(path):
-        if line.strip():
-            lines.append(line)
-        elif lines:
-            counter.documents += 1
-            yield "\n".join(lines)
-            lines = []
-    if lines:
-        counter.documents += 1
-        yield "\n".join(lines)
-
-
-def iter_documents(inputs: Sequence[Path | str], text_key: str = "text") -> Iterator[str]:
-    """Stream the documents of all input files, in order (see the module docstring for formats).
-
-    Raises :class:`DataError` for missing/unsupported files, bad bytes, bad JSON, a missing text
-    key, and for a file that holds no documents.
+    Raises :class:`DataError` for missing/unsupported inputs, bad bytes, bad JSON or rows, a
+    missing text key or column, and for a file that holds no documents.
     """
-    for path in _check_inputs(inputs):
-        yield from _file_documents(path, text_key, _Counter())
-
-
-def _file_documents(path: Path, text_key: str, counter: _Counter) -> Iterator[str]:
-    before_docs, before_skipped = counter.documents, counter.skipped
-    fmt, _ = _input_format(path)
-    if fmt == ".jsonl":
-        yield from _jsonl_documents(path, text_key, counter)
-    else:
-        yield from _txt_documents(path, counter)
-    if counter.documents == before_docs:
-        what = (
-            f"all {counter.skipped - before_skipped} {text_key!r} values are empty"
-            if counter.skipped > before_skipped
-            else "the file is empty or holds only blank lines"
-        )
-        raise DataError(f"{path}: no documents found ({what}). Remove it from the inputs or fix it.")
+    for source in _sources(inputs):
+        yield from read_documents(source, text_key, DocumentCounter())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,7 +261,7 @@ def _write_indexed_dataset(
 
 
 def preprocess(
-    inputs: Sequence[Path],
+    inputs: Sequence[Path | str] | ExpandedInputs,
     output_prefix: Path,
     tokenizer: Any,
     *,
@@ -393,28 +270,30 @@ def preprocess(
     tokenizer_spec: Any = None,
     progress: bool | None = None,
 ) -> PreprocessResult:
-    """Tokenize the documents of ``inputs`` (``.jsonl``/``.txt``, optionally ``.gz``/``.bz2``) into
-    ``<output_prefix>.bin`` and ``<output_prefix>.idx``, appending ``tokenizer.eod`` to every document.
+    """Tokenize the documents of ``inputs`` (files, directories or glob patterns, or what
+    :func:`~megatron_tst.data.sources.expand_inputs` returned; formats in
+    :mod:`megatron_tst.data.sources`) into ``<output_prefix>.bin`` and ``<output_prefix>.idx``, in
+    input order, appending ``tokenizer.eod`` to every document.
 
     ``tokenizer`` is a tokenizer object (anything with ``tokenize``, ``eod`` and ``vocab_size``) or a
     ``(kind, path[, options])`` spec for :func:`~megatron_tst.data.tokenizer.load_tokenizer`.
     With ``workers > 1`` each worker loads the tokenizer once, from ``tokenizer_spec``, else from the
     object's own ``spec`` (the project's tokenizers have one), else from a pickled copy of the object.
     ``progress``: True/False forces the tqdm bar on/off; None shows it for inputs over 32 MiB when
-    stderr is a terminal. Raises :class:`DataError` for bad inputs (before writing any output when a
-    file is missing).
+    stderr is a terminal. Raises :class:`DataError` for bad inputs (before writing any output when an
+    input is missing or unsupported).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    paths = _check_inputs(inputs)
+    sources = _sources(inputs)
     tokenizer, spec = _resolve_tokenizer(tokenizer, tokenizer_spec)
-    counter = _Counter()
+    counter = DocumentCounter()
 
     def documents() -> Iterator[str]:
-        for path in paths:
-            yield from _file_documents(path, text_key, counter)
+        for source in sources:
+            yield from read_documents(source, text_key, counter)
 
-    total_bytes = sum(p.stat().st_size for p in paths)
+    total_bytes = sum(source.path.stat().st_size for source in sources)
     show = progress if progress is not None else (None if total_bytes >= _PROGRESS_MIN_BYTES else False)
     prefix, num_documents, num_tokens = _write_indexed_dataset(
         documents(), output_prefix, tokenizer, spec, workers, show
@@ -428,7 +307,7 @@ def preprocess_documents(
     """Tokenize in-memory documents into ``<output_prefix>.bin/.idx`` (one process, input order),
     appending ``tokenizer.eod`` to each; empty or whitespace-only texts are skipped."""
     tokenizer, spec = _resolve_tokenizer(tokenizer, None)
-    counter = _Counter()
+    counter = DocumentCounter()
 
     def documents() -> Iterator[str]:
         for text in texts:
@@ -455,13 +334,21 @@ DEFAULT_TRAIN_VOCAB_SIZE = 8000
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``preprocess`` subcommand's arguments to ``parser``."""
     parser.add_argument(
-        "--input", nargs="+", required=True, type=Path, metavar="FILE",
-        help="input files: .jsonl (one JSON object per line) or .txt (documents separated by blank "
-        "lines), optionally .gz/.bz2 compressed",
+        "--input", nargs="+", required=True, type=Path, metavar="INPUT",
+        help="input files, directories (read recursively) or quoted glob patterns ('**' for any "
+        "depth): .jsonl/.json (JSON Lines) or .txt (documents separated by blank lines), optionally "
+        ".gz/.bz2/.zst compressed, .parquet, or a Hugging Face dataset saved with save_to_disk",
     )
-    parser.add_argument(
-        "--output-prefix", required=True, type=Path, metavar="PREFIX",
-        help="write PREFIX.bin and PREFIX.idx (megatron-core indexed dataset)",
+    output = parser.add_mutually_exclusive_group(required=True)
+    output.add_argument(
+        "--output-prefix", type=Path, metavar="PREFIX",
+        help="write everything into one indexed dataset: PREFIX.bin and PREFIX.idx",
+    )
+    output.add_argument(
+        "--output-dir", type=Path, metavar="DIR",
+        help="one indexed dataset per input source (or per --shard-documents documents) under "
+        "DIR/shards, then DIR/manifest.json; resumable, and splittable over machines with "
+        "--num-shards/--shard-index (docs/data.md)",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--tokenizer-model", type=Path, metavar="MODEL",
@@ -478,27 +365,67 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--eod-token", default=None,
                         help="end-of-document token of --hf-tokenizer (default: found by name)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    parser.add_argument("--text-key", default="text", help="JSONL key holding the text (default 'text')")
+    parser.add_argument("--text-key", default="text", help="JSON key or Parquet/Arrow column holding the text (default 'text')")
     parser.add_argument("--seed", type=int, default=1234, help="seed for --train-tokenizer")
+    sharded = parser.add_argument_group("with --output-dir")
+    sharded.add_argument("--shard-documents", type=int, metavar="N",
+                         help="a shard per N documents of a source (default: a shard per source)")
+    sharded.add_argument("--num-shards", type=int, metavar="K",
+                         help="split the sources over K tasks (default: SLURM_ARRAY_TASK_COUNT, "
+                         "else 1)")
+    sharded.add_argument("--shard-index", type=int, metavar="I",
+                         help="this task's index, 0 to K-1 (default: SLURM_ARRAY_TASK_ID minus "
+                         "SLURM_ARRAY_TASK_MIN)")
+    sharded.add_argument("--merge", action="store_true",
+                         help="tokenize nothing: check that every shard is done and write "
+                         "DIR/manifest.json (the step after an array of tasks)")
+    held_out = sharded.add_mutually_exclusive_group()
+    held_out.add_argument("--valid-fraction", type=float, metavar="F",
+                          help="hold out each document whose hash falls in the lowest fraction F "
+                          "as DIR/valid_text_document")
+    held_out.add_argument("--valid-documents", type=int, metavar="N",
+                          help="hold out the N documents with the smallest hashes as "
+                          "DIR/valid_text_document (reads the inputs once more first)")
     return parser
 
 
+_SHARDED_ONLY = ("shard_documents", "num_shards", "shard_index", "merge", "valid_fraction",
+                 "valid_documents")
+
+
 def run_preprocess(args: argparse.Namespace, *, out: Callable[[str], None] = print) -> int:
-    """Run the ``preprocess`` subcommand; returns the exit status (0 ok, 1 bad input)."""
-    from megatron_tst.data.tokenizer import load_tokenizer, train_sentencepiece
+    """Run the ``preprocess`` subcommand; returns the exit status (0 ok, 1 bad input, 130 when
+    interrupted). Flags are checked before anything is imported or read."""
 
     def fail(message: str) -> int:
         print(f"megatron-tst preprocess: error: {message}", file=sys.stderr)
         return 1
 
+    sharded = args.output_dir is not None
+    if not sharded:
+        given = [f"--{k.replace('_', '-')}" for k in _SHARDED_ONLY if getattr(args, k, None)]
+        if given:
+            return fail(f"{', '.join(given)} only apply with --output-dir DIR (one shard per "
+                        f"source and a manifest), not with --output-prefix")
+    elif not (args.tokenizer_model or args.hf_tokenizer):
+        return fail("--output-dir needs the tokenizer file (--hf-tokenizer or --tokenizer-model): "
+                    "every shard and the manifest must be made with one fixed tokenizer; train one "
+                    "first with --output-prefix ... --train-tokenizer if you need to")
+    if args.workers < 1:
+        return fail(f"--workers must be >= 1, got {args.workers}")
+    if args.vocab_size is not None and (args.tokenizer_model or args.hf_tokenizer):
+        return fail("--vocab-size only applies when training a tokenizer (--train-tokenizer)")
+    if args.eod_token is not None and not args.hf_tokenizer:
+        return fail("--eod-token only applies to --hf-tokenizer")
     try:
-        inputs = _check_inputs(args.input)
-        if args.workers < 1:
-            return fail(f"--workers must be >= 1, got {args.workers}")
-        if args.vocab_size is not None and (args.tokenizer_model or args.hf_tokenizer):
-            return fail("--vocab-size only applies when training a tokenizer (--train-tokenizer)")
-        if args.eod_token is not None and not args.hf_tokenizer:
-            return fail("--eod-token only applies to --hf-tokenizer")
+        from megatron_tst.data.tokenizer import load_tokenizer, train_sentencepiece
+
+        inputs = expand_inputs(args.input)
+        if inputs.ignored:
+            shown = ", ".join(str(p) for p in inputs.ignored[:5])
+            more = f" and {len(inputs.ignored) - 5} more" if len(inputs.ignored) > 5 else ""
+            print(f"megatron-tst preprocess: note: ignored {len(inputs.ignored)} file(s) with "
+                  f"unsupported suffixes in the input directories: {shown}{more}", file=sys.stderr)
         if args.tokenizer_model:
             tokenizer = load_tokenizer("sentencepiece", args.tokenizer_model)
         elif args.hf_tokenizer:
@@ -511,11 +438,28 @@ def run_preprocess(args: argparse.Namespace, *, out: Callable[[str], None] = pri
                 iter_documents(inputs, args.text_key), model_prefix, vocab_size, seed=args.seed
             )
             tokenizer = load_tokenizer("sentencepiece", model_path)
+        if sharded:
+            from megatron_tst.data.sharded import (array_summary, preprocess_sharded,
+                                                   task_from_environment)
+
+            num_shards, shard_index = task_from_environment(args.num_shards, args.shard_index)
+            sharded_result = preprocess_sharded(
+                inputs, args.output_dir, tokenizer, workers=args.workers, text_key=args.text_key,
+                shard_documents=args.shard_documents, num_shards=num_shards,
+                shard_index=shard_index, merge_only=args.merge,
+                valid_fraction=args.valid_fraction, valid_documents=args.valid_documents, log=out)
+            out(array_summary(sharded_result))
+            return 0
         result = preprocess(
             inputs, args.output_prefix, tokenizer, workers=args.workers, text_key=args.text_key
         )
     except (DataError, ValueError, OSError) as err:  # OSError: an unwritable location
         return fail(str(err))
+    except KeyboardInterrupt:
+        print("megatron-tst preprocess: interrupted"
+              + ("; finished shards are kept: run the same command again to resume"
+                 if sharded else ""), file=sys.stderr)
+        return 130
     skipped = f", {result.num_skipped} empty skipped" if result.num_skipped else ""
     out(
         f"preprocessed {result.num_documents} documents{skipped}, {result.num_tokens} tokens "

@@ -18,7 +18,6 @@ Conventions shared by both classes:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,8 +28,9 @@ from typing import Any, NamedTuple
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_tst.data.tokenizer_files import (HF_EOD_CANDIDATES, TOKENIZER_KINDS,
-                                               canonical_kind, hf_first_id, hf_special_tokens,
-                                               open_huggingface, open_sentencepiece)
+                                               canonical_kind, file_sha256, hf_first_id,
+                                               hf_special_tokens, open_huggingface,
+                                               open_sentencepiece)
 
 __all__ = [
     "HF_EOD_CANDIDATES",
@@ -51,14 +51,6 @@ class TokenizerSpec(NamedTuple):
 
     def load(self) -> "SentencePieceTokenizer | HFTokenizer":
         return load_tokenizer(self.kind, self.path, **self.options)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,7 +108,7 @@ class SentencePieceTokenizer(_SpecialIds):
 
     def __init__(self, model_path: str | Path) -> None:
         opened = open_sentencepiece(model_path)  # FileNotFoundError / ValueError with the fix
-        super().__init__(opened.path, sha256=_file_sha256(opened.path))
+        super().__init__(opened.path, sha256=file_sha256(opened.path))
         self._processor = opened.backend
         self._vocab_size = opened.vocab_size
         self._eod, self._pad, self._bos, self._unk = opened.eod, opened.pad, opened.bos, opened.unk
@@ -272,7 +264,7 @@ class HFTokenizer(_SpecialIds):
 
     def __init__(self, path: str | Path, *, eod_token: str | None = None) -> None:
         opened = open_huggingface(path, eod_token=eod_token)  # errors name the path and the fix
-        options: dict[str, Any] = {"sha256": _file_sha256(opened.path)}
+        options: dict[str, Any] = {"sha256": file_sha256(opened.path)}
         if eod_token is not None:
             options["eod_token"] = eod_token
         super().__init__(opened.path, **options)
@@ -294,8 +286,10 @@ class HFTokenizer(_SpecialIds):
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Tokenize many texts at once (faster than one call per text)."""
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
+        # encode_batch_fast (tokenizers >= 0.20.2): the same ids without character offsets,
+        # faster and with less memory per batch
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

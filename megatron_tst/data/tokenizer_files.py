@@ -10,6 +10,7 @@ kind, a model without an end-of-document token or an unknown kind, ``ImportError
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -37,6 +38,15 @@ class TokenizerFile:
     bos: int  # -1: none
     unk: int = -1
     eod_token: Optional[str] = None  # HF: the name of the eod token
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (a tokenizer's identity)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def canonical_kind(kind: str, path: Any = "") -> str:

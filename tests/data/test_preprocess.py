@@ -209,7 +209,23 @@ def test_bad_input_in_a_worker_run(tmp_path, texts, sp_tokenizer):
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
 
 
-def test_directory_input(tmp_path, sp_tokenizer):
-    (tmp_path / "dir.jsonl").mkdir()
-    with pytest.raises(DataError, match=r"dir\.jsonl: not a regular file"):
-        preprocess([tmp_path / "dir.jsonl"], tmp_path / "out", sp_tokenizer)
+def test_directory_input(tmp_path, texts, sp_tokenizer):
+    """A directory is read recursively in name order, whatever its own name looks like."""
+    directory = tmp_path / "dir.jsonl"
+    (directory / "sub").mkdir(parents=True)
+    write_jsonl(directory / "b.jsonl", texts[10:20])
+    write_txt(directory / "sub" / "c.txt", texts[20:25])
+    write_jsonl(directory / "a.jsonl", texts[:10])
+    (directory / "notes.md").write_text("not an input")
+    result = preprocess([directory], tmp_path / "out", sp_tokenizer)
+    assert read_back(result.prefix, sp_tokenizer) == texts[:25]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no input files found"):
+        preprocess([tmp_path / "empty"], tmp_path / "out2", sp_tokenizer)
+
+
+def test_glob_input(tmp_path, texts, sp_tokenizer):
+    write_jsonl(tmp_path / "p1.jsonl", texts[:5])
+    write_jsonl(tmp_path / "p0.jsonl", texts[5:9])
+    result = preprocess([str(tmp_path / "p*.jsonl")], tmp_path / "out", sp_tokenizer)
+    assert read_back(result.prefix, sp_tokenizer) == texts[5:9] + texts[:5]
