@@ -14,7 +14,8 @@
 # several clusters may run), LOCAL_CLUSTER_KILLWAIT (seconds between SIGTERM and SIGKILL when a
 # job ends, default 90: time for the trainer to finish its step and save a checkpoint),
 # LOCAL_CLUSTER_REQUEUE_DELAY (seconds before a requeued job may start again, default 10; Slurm's
-# default is 120), LOCAL_CLUSTER_CPUS (default: nproc), LOCAL_CLUSTER_NAME (default tstlocal).
+# default is 120), LOCAL_CLUSTER_CPUS (default: nproc; more is
+# accepted: jobs then share the cores), LOCAL_CLUSTER_NAME (default tstlocal).
 set -euo pipefail
 
 usage() {
@@ -131,6 +132,9 @@ ReturnToService=2
 SlurmctldTimeout=60
 SlurmdTimeout=300
 InactiveLimit=0
+# The node as configured, not as probed: LOCAL_CLUSTER_CPUS may exceed the machine's cores (to
+# accept jobs written for real nodes, e.g. --cpus-per-task=32).
+SlurmdParameters=config_overrides
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF

@@ -149,8 +149,8 @@ SHRINK = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_hea
           "checkpoint.save_interval=0", "data.num_workers=0"]
 
 
-@pytest.mark.parametrize("name", [  # the MoE recipe in the default suite, the dense ones slow
-    pytest.param(n, marks=[] if n == "10b-a1b" else [pytest.mark.slow]) for n in sorted(PRESETS)])
+@pytest.mark.slow  # the default suite trains 10b-a1b, shrunk, on preprocessed directories
+@pytest.mark.parametrize("name", sorted(PRESETS))  # (tests/data/test_gpu_data_prep.py)
 def test_preset_recipe_trains_when_shrunk(name, tmp_path, synthetic_data):
     """Every key of the GPU recipe except the sizes (bf16, distributed optimizer with overlap,
     qk-norm, NoPE layers, MoE routing, TST bag size) through 4 real steps on CPU."""
