@@ -41,6 +41,21 @@ def documented_commands(prefix: str) -> list[str]:
     return found
 
 
+def _commands_in(text: str, prefix: str) -> set[str]:
+    """Commands starting with ``prefix`` in a README code block or a recipe comment."""
+    text = re.sub(r"^#\s?", "", text, flags=re.M).replace("\\\n", " ")
+    return {re.sub(r"\s+", " ", line.split("  #")[0]).strip() for line in text.splitlines()
+            if line.strip().startswith(prefix)}
+
+
+def test_readme_and_recipe_name_the_documented_commands():
+    """The README's and the GPU recipes' preprocess commands are ones the test below runs."""
+    documented = set(documented_commands("megatron-tst preprocess --input 'dclm"))
+    for path in (REPO / "README.md", REPO / "configs" / "base" / "gpu-pretrain.yaml"):
+        found = _commands_in(path.read_text(), "megatron-tst preprocess --input 'dclm")
+        assert found and found <= documented, (path, found, documented)
+
+
 def write_corpora(root: Path) -> None:
     """DCLM, FineWeb-Edu and an HF dataset as they ship, with different documents each."""
     import pyarrow as pa
