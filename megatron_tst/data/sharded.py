@@ -38,6 +38,7 @@ fraction of the time tokenizing takes) to find the N smallest hashes.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import heapq
 import itertools
@@ -598,6 +599,9 @@ def _run_jobs(jobs: Sequence[_Job], spec: Any, tokenizer: Any, dtype: Any, worke
                 summaries.append(_process_source(job))
         else:
             events = _pool_context().Queue()
+            # Objects of this process stay untouched by the workers' garbage collector, so their
+            # memory pages are not copied into every forked worker.
+            gc.freeze()
             with _pool_context().Pool(min(workers, len(jobs)), initializer=_worker_init,
                                       initargs=(spec, dtype, events)) as pool:
                 results = pool.imap_unordered(_process_source, jobs, chunksize=1)
@@ -613,6 +617,7 @@ def _run_jobs(jobs: Sequence[_Job], spec: Any, tokenizer: Any, dtype: Any, worke
                 pool.join()
             _drain(events, handle)
     finally:
+        gc.unfreeze()
         if bar is not None:
             bar.close()
         _STATE.clear()
