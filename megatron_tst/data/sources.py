@@ -32,10 +32,11 @@ import bz2
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import IO, Any, Optional, Union
@@ -647,20 +648,28 @@ def _parquet_documents(path: Path, text_key: str, counter: DocumentCounter) -> I
             batches = parquet.iter_batches(
                 batch_size=_PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_key]
             )
-            while True:
-                try:
-                    batch = next(batches, None)
-                except (pa.ArrowException, OSError) as err:
-                    raise DataError(
-                        f"{path}: cannot read row group {group} (rows from {row}, counting from 0): "
-                        f"{err}. {fix}"
-                    ) from None
-                if batch is None:
-                    break
-                values = batch.column(0).to_pylist()
-                yield from _column_documents(path, values, row, f"row group {group}", text_key,
-                                             counter)
-                row += len(values)
+            row = yield from _batch_documents(path, batches, 0, lambda _: f"row group {group}",
+                                              row, text_key, counter, pa, fix)
+
+
+def _batch_documents(path: Path, batches: Iterator[Any], column: int, where: Callable[[int], str],
+                     row: int, text_key: str, counter: DocumentCounter, pa: Any,
+                     fix: str) -> Iterator[str]:
+    """The documents of Arrow record batches, one batch in memory at a time; ``where(i)`` names
+    batch ``i`` in errors ("row group 3"), ``row`` is the first row's number. Returns the row
+    after the last."""
+    for number in itertools.count():
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: cannot read {where(number)} (rows from {row}, counting "
+                            f"from 0): {err}. {fix}") from None
+        if batch is None:
+            return row
+        values = batch.column(column).to_pylist()
+        yield from _column_documents(path, values, row, where(number), text_key, counter)
+        row += len(values)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _open_arrow(path: Path, pa: Any) -> Any:
@@ -703,24 +712,9 @@ def _arrow_documents(path: Path, text_key: str, counter: DocumentCounter) -> Ite
     pa = _import_pyarrow(path)
     reader = _open_arrow(path, pa)
     _check_column(path, reader.schema, text_key, pa)
-    index = reader.schema.get_field_index(text_key)
-    batches = iter(reader)
-    row = batch_number = 0
-    while True:
-        try:
-            batch = next(batches, None)
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(
-                f"{path}: cannot read record batch {batch_number} (rows from {row}, counting from "
-                f"0): {err}. Check that the file is complete; write or copy it again."
-            ) from None
-        if batch is None:
-            break
-        values = batch.column(index).to_pylist()
-        yield from _column_documents(path, values, row, f"record batch {batch_number}", text_key,
-                                     counter)
-        row += len(values)
-        batch_number += 1
+    yield from _batch_documents(path, iter(reader), reader.schema.get_field_index(text_key),
+                                lambda number: f"record batch {number}", 0, text_key, counter,
+                                pa, "Check that the file is complete; write or copy it again.")
 
 
 # --------------------------------------------------------------------------------------------------
