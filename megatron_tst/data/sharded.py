@@ -57,6 +57,8 @@ from megatron_tst.data.errors import DataError
 from megatron_tst.data.manifest import (SETTINGS_NAME, Manifest, ShardEntry, SourceFile,
                                         TokenizerInfo, ValidEntry, write_json_atomic,
                                         write_manifest)
+from megatron_tst.data.preprocess import (_encode_batch_with, _pool_context, _resolve_tokenizer,
+                                          _token_dtype)
 from megatron_tst.data.sources import (DocumentCounter, ExpandedInputs, Source, expand_inputs,
                                        read_documents)
 
@@ -299,8 +301,6 @@ def _write_shard(paths: ShardPaths, documents: Iterator[str], tokenizer: Any, dt
     """Tokenize ``documents`` into the shard's files (temporary names, renamed when whole)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_tst.data.preprocess import _encode_batch_with
-
     paths.path.parent.mkdir(parents=True, exist_ok=True)
     for stale in paths.path.parent.glob(f".{paths.path.name}.*tmp*"):  # left by a killed run
         stale.unlink(missing_ok=True)
@@ -416,8 +416,6 @@ def merge(out_dir: Path, sources: Sequence[Source], settings: Settings,
 def _concatenate(prefix: Path, parts: Sequence[Path], settings: Settings) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_tst.data.preprocess import _token_dtype
-
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     try:
         builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=_token_dtype(settings.tokenizer.vocab_size))
@@ -443,12 +441,6 @@ class ShardedResult:
     tokens: int
     seconds: float
     missing: int = 0  # sources of other tasks not done yet
-
-
-def _pool_context():
-    if "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context()
 
 
 def _inputs_digest(sources: Sequence[Source]) -> str:
@@ -496,7 +488,6 @@ def preprocess_sharded(
     Every check that can refuse the run (inputs, tokenizer, settings of an existing directory)
     runs before anything is written. Raises :class:`DataError` for bad input.
     """
-    from megatron_tst.data.preprocess import _resolve_tokenizer, _token_dtype
     from megatron_tst.data.tokenizer_files import file_sha256
 
     start = time.monotonic()
