@@ -188,6 +188,16 @@ class DataConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A torch.profiler trace of steps ``start_step``..``end_step`` (1-based, inclusive), written
+    under ``<run_dir>/profile/``; None = no profiling."""
+
+    start_step: Optional[int] = None
+    end_step: Optional[int] = None
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that profile
+
+
+@dataclass
 class TrainingConfig:
     train_steps: int = 100
     micro_batch_size: int = 4
@@ -212,6 +222,7 @@ class TrainingConfig:
     max_consecutive_skips: int = 10
     max_skipped_steps: int = 100
     loss_spike_sigma: float = 6.0  # flag losses this many robust sigmas above recent; 0 = off
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self) -> None:
         _POSITIVE_INT.check(self, "training.train_steps", "training.micro_batch_size",
@@ -233,6 +244,15 @@ class TrainingConfig:
                 signal_number(name)
             except ValueError as err:
                 _fail(self, "training.exit_signals", str(err))
+        prof = self.profile
+        if (prof.start_step is None) != (prof.end_step is None):
+            _fail(self, "training.profile.end_step",
+                  "give training.profile.start_step and end_step together (or neither)")
+        if prof.start_step is not None and not 1 <= prof.start_step <= prof.end_step:
+            _fail(self, "training.profile.start_step",
+                  f"must be in [1, training.profile.end_step={prof.end_step}]")
+        if any(r < 0 for r in prof.ranks):
+            _fail(self, "training.profile.ranks", "must be global ranks (>= 0)")
 
 
 @dataclass
@@ -308,7 +328,15 @@ class LoggingConfig:
     wandb: bool = True  # offline unless WANDB_API_KEY is set
     wandb_project: str = "megatron-tst"
     tensorboard: bool = False
-    log_memory: bool = False
+    log_memory: bool = False  # current and peak memory (CUDA allocated/reserved; RSS on CPU)
+    # Peak dense bf16 TFLOP/s of one GPU, for MFU; None = from the table of known GPUs (or the
+    # MEGATRON_TST_PEAK_TFLOPS environment variable). No MFU where neither knows the device.
+    peak_tflops: Optional[float] = None
+    timers: bool = True  # megatron-core timers (forward-backward, optimizer, ...), min/max over ranks
+
+    def validate(self) -> None:
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            _fail(self, "logging.peak_tflops", "must be positive (or null for the GPU table)")
 
 
 @dataclass
@@ -434,6 +462,7 @@ class RunConfig(_KeySources):
         self.schedule.validate(self.training, self.optimizer)
         self.tst.validate(self.training)
         self.loss.validate(self.parallel)
+        self.logging.validate()
         self.checkpoint.validate(self)
         if world_size is not None:
             self.validate_layout(world_size)
