@@ -59,6 +59,61 @@ def resolve_transformer_impl(cfg: RunConfig) -> str:
     return impl
 
 
+def resolve_fusions(cfg: RunConfig, impl: str) -> dict[str, bool]:
+    """``model.*_fusion`` for this machine: null = on where the transformer-engine spec runs (and
+    the fused kernel is installed), off elsewhere. GPU-only settings (FP8, a fusion set to true)
+    on a machine without CUDA and transformer-engine are refused in one line."""
+    from megatron_tst.config.schema import FUSIONS
+
+    m = cfg.model
+    te = impl == "transformer_engine"
+    if not te and (gpu_only := m.gpu_only_settings()):
+        key, value = next(iter(gpu_only.items()))
+        where = ("this machine has no CUDA device" if not _cuda() else
+                 "transformer-engine is not importable" if cfg.model.transformer_impl != "local"
+                 else "model.transformer_impl=local")
+        from megatron_tst.config.loader import config_source
+
+        raise ConfigError(f"needs a CUDA GPU with the transformer-engine spec ({where}): "
+                          f"{_cpu_fix(key, value)} to run here", key=f"model.{key}", value=value,
+                          source=config_source(cfg, f"model.{key}"))
+    out = {}
+    for key in FUSIONS:
+        value = getattr(m, key)
+        out[key] = bool(value) if value is not None else te and _fusion_available(cfg, key)
+    return out
+
+
+def _cpu_fix(key: str, value) -> str:
+    """How to run GPU-only setting ``key=value`` without transformer-engine."""
+    if key == "recompute_modules":
+        return f"leave {', '.join(value)} out of model.recompute_modules"
+    return f"set model.{key}={'null' if key == 'fp8' else 'null or false'}"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _fusion_available(cfg: RunConfig, key: str) -> bool:
+    """Whether the auto (null) value of fusion ``key`` turns on with the TE spec on this GPU."""
+    if key == "moe_permute_fusion":
+        if not cfg.model.num_moe_experts:
+            return False
+        from megatron.core.transformer.moe import moe_utils
+
+        return getattr(moe_utils, "fused_permute", None) is not None
+    if key == "gradient_accumulation_fusion":
+        from megatron.core.tensor_parallel import layers
+
+        return bool(getattr(layers, "_grad_accum_fusion_available", False))
+    if key == "apply_rope_fusion":
+        return cfg.model.position_embedding == "rope"
+    return True
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Megatron's rule: pad so every TP shard of the embedding has the same, aligned width."""
     multiple = divisible_by * tp
@@ -143,6 +198,12 @@ class RunPlan:
     def transformer_impl(self) -> str:
         """``model.transformer_impl`` resolved for this machine."""
         return resolve_transformer_impl(self.cfg)
+
+    @functools.cached_property
+    def fusions(self) -> dict[str, bool]:
+        """The ``TransformerConfig`` fusion flags resolved for this machine (``resolve_fusions``:
+        refuses GPU-only settings here without CUDA and transformer-engine)."""
+        return resolve_fusions(self.cfg, self.transformer_impl)
 
     @functools.cached_property
     def loss_impl(self) -> str:

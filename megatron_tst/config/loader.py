@@ -241,6 +241,12 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict[str, str]) -> Any:
             hint = f" (did you mean {by_lower[near[0]]!r}?)" if near else ""
             raise bad(f"one of {', '.join(map(repr, choices))}{hint}")
         return value
+    if origin is dict:  # megatron.* pass-through: names checked by config/passthrough.py
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of megatron-core field names to values")
+        return dict(value)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -54,6 +54,39 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     moe_grouped_gemm: bool = False
+    # MoE routing (megatron-core's names and meanings). null load balancing: aux_loss when
+    # moe_aux_loss_coeff > 0, else none. Aux-loss-free balancing: moe_router_enable_expert_bias
+    # with moe_router_score_function=sigmoid (and moe_router_load_balancing_type=none).
+    moe_router_load_balancing_type: Optional[Literal[
+        "aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"]] = None
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = None  # null = the params' dtype
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_z_loss_coeff: Optional[float] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None  # null = no shared expert
+    # Activation recomputation (megatron-core's): full = whole layers (recompute_method uniform |
+    # block, recompute_num_layers per unit / per stage, default uniform, 1); selective = the
+    # recompute_modules of every layer (default [core_attn]).
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[list[str]] = None
+    # FP8 (GPU with transformer-engine only) inside the transformer layers; the embedding, the
+    # LM head and the multi-hot CE stay in model.params_dtype / fp32.
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_param: bool = False  # keep the weights themselves in FP8 (saves memory)
+    # Kernel fusions: null = on where the transformer-engine spec runs (CUDA), off otherwise;
+    # true without CUDA and transformer-engine is refused.
+    bias_activation_fusion: Optional[bool] = None
+    bias_dropout_fusion: Optional[bool] = None
+    masked_softmax_fusion: Optional[bool] = None
+    apply_rope_fusion: Optional[bool] = None
+    gradient_accumulation_fusion: Optional[bool] = None
+    moe_permute_fusion: Optional[bool] = None
 
     def validate(self) -> None:
         _POSITIVE_INT.check(self, "model.num_layers", "model.hidden_size",
@@ -85,6 +118,75 @@ class ModelConfig:
                                               "needs model.position_embedding=rope (or null)")
         if self.vocab_size is not None and self.vocab_size < 1:
             _fail(self, "model.vocab_size", "must be positive (or null to take the tokenizer's)")
+        self._validate_moe_and_recompute()
+
+    def _validate_moe_and_recompute(self) -> None:
+        _POSITIVE_INT_OR_NULL.check(self, "model.moe_shared_expert_intermediate_size",
+                                    "model.recompute_num_layers")
+        _POSITIVE.check(self, "model.moe_router_bias_update_rate")
+        if self.moe_z_loss_coeff is not None and self.moe_z_loss_coeff < 0:
+            _fail(self, "model.moe_z_loss_coeff", "must be >= 0 (or null for no z-loss)")
+        if self.num_moe_experts is None:
+            for key in MOE_ONLY:
+                if getattr(self, key) != _DEFAULT_MODEL[key]:
+                    _fail(self, f"model.{key}", "needs model.num_moe_experts (a MoE model)")
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            _fail(self, "model.moe_router_enable_expert_bias",
+                  "needs model.moe_router_score_function=sigmoid (aux-loss-free balancing)")
+        g = self.recompute_granularity
+        if g != "full":
+            for key in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, key) is not None:
+                    _fail(self, f"model.{key}", "needs model.recompute_granularity=full")
+        if g != "selective" and self.recompute_modules is not None:
+            _fail(self, "model.recompute_modules", "needs model.recompute_granularity=selective")
+        if g == "full" and self.recompute_method == "uniform" and self.num_layers % (
+                self.recompute_num_layers or 1):
+            _fail(self, "model.recompute_num_layers",
+                  f"must divide model.num_layers={self.num_layers} with recompute_method=uniform")
+        unknown = sorted(set(self.recompute_modules or ()) - set(RECOMPUTE_MODULES))
+        if unknown:
+            _fail(self, "model.recompute_modules",
+                  f"unknown module {unknown[0]!r}: choose from {', '.join(RECOMPUTE_MODULES)}")
+        if self.recompute_modules is not None and not self.recompute_modules:
+            _fail(self, "model.recompute_modules", "is empty: name at least one module (or "
+                                                   "null for [core_attn])")
+        moe_modules = {"moe", "moe_act", "shared_experts"} & set(self.recompute_modules or ())
+        if moe_modules and self.num_moe_experts is None:
+            _fail(self, "model.recompute_modules",
+                  f"{sorted(moe_modules)[0]} needs a MoE model (model.num_moe_experts)")
+        if "moe_act" in (self.recompute_modules or ()) and not self.moe_grouped_gemm:
+            _fail(self, "model.recompute_modules", "moe_act needs model.moe_grouped_gemm=true")
+        if "shared_experts" in (self.recompute_modules or ()) and not (
+                self.moe_shared_expert_intermediate_size):
+            _fail(self, "model.recompute_modules",
+                  "shared_experts needs model.moe_shared_expert_intermediate_size")
+
+    def gpu_only_settings(self) -> dict[str, Any]:
+        """The keys set here that need CUDA and transformer-engine (FP8, explicit fusions)."""
+        out = {k: getattr(self, k) for k in FUSIONS if getattr(self, k)}
+        if self.fp8 is not None:
+            out["fp8"] = self.fp8
+        if self.fp8_param:
+            out["fp8_param"] = True
+        if te_only := [x for x in self.recompute_modules or () if x in RECOMPUTE_TE_ONLY]:
+            out["recompute_modules"] = te_only
+        return out
+
+
+# megatron-core's selective-recompute modules that this project's layer specs have (no MLA).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts")
+# megatron-core recomputes these by discarding outputs (CheckpointWithoutOutput), which needs
+# transformer-engine.
+RECOMPUTE_TE_ONLY = ("layernorm", "moe_act")
+FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+           "apply_rope_fusion", "gradient_accumulation_fusion", "moe_permute_fusion")
+MOE_ONLY = ("moe_router_load_balancing_type", "moe_router_score_function",
+            "moe_router_enable_expert_bias", "moe_router_dtype", "moe_router_pre_softmax",
+            "moe_router_topk_scaling_factor", "moe_z_loss_coeff",
+            "moe_shared_expert_intermediate_size", "moe_permute_fusion")
+_DEFAULT_MODEL = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                  if f.default is not dataclasses.MISSING}
 
 
 @dataclass
@@ -402,6 +504,25 @@ class LossConfig:
                                                "(TP=1); use fused, chunked or triton")
 
 
+@dataclass
+class MegatronConfig:
+    """Any other megatron-core setting, by its megatron-core field name: ``transformer``
+    (``TransformerConfig``), ``optimizer`` (``OptimizerConfig``), ``ddp``
+    (``DistributedDataParallelConfig``). Names are checked against the installed megatron-core
+    (``config/passthrough.py``): unknown ones get a did-you-mean, fields that a recipe key sets
+    are refused with that key."""
+
+    transformer: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    ddp: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.transformer or self.optimizer or self.ddp:
+            from megatron_tst.config.passthrough import check_names
+
+            check_names(self)
+
+
 class _KeySources:
     """Where a loaded config's keys were set. A plain base class, not a dataclass: its attribute
     is no field, so it is no recipe key (strict keys, ``checkpoint.allow_changes``), not in
@@ -429,6 +550,7 @@ class RunConfig(_KeySources):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tst: TSTConfig = field(default_factory=TSTConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -463,6 +585,7 @@ class RunConfig(_KeySources):
         self.tst.validate(self.training)
         self.loss.validate(self.parallel)
         self.logging.validate()
+        self.megatron.validate()
         self.checkpoint.validate(self)
         if world_size is not None:
             self.validate_layout(world_size)

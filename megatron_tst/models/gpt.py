@@ -8,12 +8,13 @@ megatron-core's local spec otherwise (CPU machines, or ``model.transformer_impl:
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron_tst.config import RunConfig
+from megatron_tst.config import ConfigError, RunConfig
 from megatron_tst.plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -21,17 +22,68 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_transformer_config(cfg: RunConfig):
+def build_transformer_config(cfg: RunConfig, plan: Optional[RunPlan] = None):
+    """megatron-core's ``TransformerConfig`` for ``cfg`` on this machine: the recipe's keys
+    (``transformer_config_kwargs``), then ``megatron.transformer`` (fields no key sets), then the
+    CPU settings where CUDA is absent."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    m, p = cfg.model, cfg.parallel
-    dtype = DTYPES[m.params_dtype]
-    cpu_settings = {}
+    kwargs = {**transformer_config_kwargs(cfg, plan or RunPlan.build(cfg)),
+              **cfg.megatron.transformer}
     if not torch.cuda.is_available():
         from megatron_tst.compat import cpu_model_settings
 
-        cpu_settings = cpu_model_settings()
-    return TransformerConfig(
+        kwargs.update(cpu_model_settings())
+    try:
+        return TransformerConfig(**kwargs)
+    except (ValueError, AssertionError, TypeError, NotImplementedError) as err:
+        raise refused_by_megatron(cfg, "TransformerConfig", err) from None
+
+
+def refused_by_megatron(cfg: RunConfig, what: str, err: Exception) -> ConfigError:
+    """A megatron-core config's own check failing on the recipe's settings, as one line naming
+    the recipe key of the first field its message mentions."""
+    from megatron_tst.config.passthrough import OWNED
+
+    message = str(err).strip() or type(err).__name__
+    section = {"TransformerConfig": "transformer", "OptimizerConfig": "optimizer"}.get(what, "ddp")
+    names = {**{f: k for f, k in OWNED[section].items() if "." in k.split(" ")[0]},
+             **{f: f"megatron.{section}.{f}" for f in getattr(cfg.megatron, section)}}
+    key = next((names[f] for f in sorted(names, key=len, reverse=True)
+                if re.search(rf"\b{re.escape(f)}\b", message)), None)
+    from megatron_tst.config.loader import config_source
+
+    return ConfigError(f"megatron-core's {what} refuses these settings: {message}", key=key,
+                       value=None if key is None else _recipe_value(cfg, key),
+                       source=None if key is None else config_source(cfg, key))
+
+
+def _recipe_value(cfg: RunConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+    return node
+
+
+def transformer_config_kwargs(cfg: RunConfig, plan: RunPlan) -> dict:
+    """The ``TransformerConfig`` fields the recipe sets (``config/passthrough.OWNED`` names the
+    key of each, so ``megatron.transformer`` cannot set them a second time)."""
+    m, p = cfg.model, cfg.parallel
+    dtype = DTYPES[m.params_dtype]
+    balancing = m.moe_router_load_balancing_type or (
+        "aux_loss" if m.moe_aux_loss_coeff > 0 else "none")
+    recompute = {}
+    if m.recompute_granularity == "full":
+        recompute = dict(recompute_granularity="full",
+                         recompute_method=m.recompute_method or "uniform",
+                         recompute_num_layers=m.recompute_num_layers or 1)
+    elif m.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective",
+                         recompute_modules=list(m.recompute_modules or ["core_attn"]))
+    fp8 = {}
+    if m.fp8 is not None:
+        fp8 = dict(fp8=m.fp8, fp8_recipe=m.fp8_recipe, fp8_param=m.fp8_param)
+    return dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -63,9 +115,19 @@ def build_transformer_config(cfg: RunConfig):
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,
         moe_grouped_gemm=m.moe_grouped_gemm,
-        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        moe_router_load_balancing_type=balancing,
+        moe_router_score_function=m.moe_router_score_function,
+        moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+        moe_router_dtype=m.moe_router_dtype,
+        moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
+        moe_z_loss_coeff=m.moe_z_loss_coeff,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
         deallocate_pipeline_outputs=True,
-        **cpu_settings,
+        **recompute,
+        **fp8,
+        **plan.fusions,
     )
 
 
@@ -132,7 +194,7 @@ def build_model(cfg: RunConfig, vocab_size: int, *, plan: Optional[RunPlan] = No
         cls = TSTGPTModel
         extra = dict(slot_weights=plan.slot_weights, loss_impl=plan.loss_impl)
     model = cls(
-        config=build_transformer_config(cfg),
+        config=build_transformer_config(cfg, plan),
         transformer_layer_spec=build_layer_spec(cfg, plan.transformer_impl),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,

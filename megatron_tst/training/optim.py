@@ -37,6 +37,7 @@ def wrap_model(cfg: RunConfig, model: torch.nn.Module, chunk_index: int = 0):
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # training/faults.py checks, then applies the policy
+        **cfg.megatron.ddp,  # fields no recipe key sets (config/passthrough.py)
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
                                    disable_bucketing=chunk_index > 0)
@@ -60,6 +61,7 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        **cfg.megatron.optimizer,  # fields no recipe key sets (config/passthrough.py)
     )
     return get_megatron_optimizer(config, model_chunks)
 
