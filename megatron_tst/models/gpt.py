@@ -50,7 +50,8 @@ def refused_by_megatron(cfg: RunConfig, what: str, err: Exception) -> ConfigErro
     names = {**{f: k for f, k in OWNED[section].items() if "." in k.split(" ")[0]},
              **{f: f"megatron.{section}.{f}" for f in getattr(cfg.megatron, section)}}
     key = next((names[f] for f in sorted(names, key=len, reverse=True)
-                if re.search(rf"\b{re.escape(f)}\b", message)), None)
+                if re.search(rf"\b{re.escape(f)}\b", message)),
+               next((f"megatron.{section}.{f}" for f in getattr(cfg.megatron, section)), None))
     from megatron_tst.config.loader import config_source
 
     return ConfigError(f"megatron-core's {what} refuses these settings: {message}", key=key,

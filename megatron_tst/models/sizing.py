@@ -13,7 +13,10 @@ an estimate for the most loaded GPU of the layout, stated term by term so it can
   attention (no ``L^2`` score term): ``34 L b h`` bytes per layer and micro-batch for a ``4h``
   GeLU MLP; here the MLP term follows the real width (SwiGLU, FFN size, top-k experts for MoE);
   divided by TP with sequence parallelism; 1F1B keeps up to PP micro-batches in flight on the
-  first stage;
+  first stage. Recomputation (``model.recompute_*``): full keeps each recompute unit's input and
+  one unit's activations at a time; selective drops the recomputed modules' insides (MLP/MoE:
+  the expanded width; layernorm: the norms' outputs; core attention: nothing, as flash attention
+  stores no scores anyway);
 - logits: ``L b V / TP`` elements as bf16 logits plus fp32 copies for the loss and its gradient.
 """
 
@@ -36,13 +39,14 @@ class ParameterCounts:
     dense_mlp: int  # all layers, dense models
     experts: int  # all layers, all experts (MoE)
     router: int
+    shared_experts: int  # all layers: the MoE layers' shared expert MLPs (every token uses them)
     norms: int  # input/pre-MLP norms of every layer and the final norm
     active_experts: int  # experts a token passes through (top-k per layer)
 
     @property
     def total(self) -> int:
         return (self.embedding + self.output + self.attention + self.qk_norm + self.dense_mlp
-                + self.experts + self.router + self.norms)
+                + self.experts + self.router + self.shared_experts + self.norms)
 
     @property
     def active(self) -> int:
@@ -57,7 +61,7 @@ class ParameterCounts:
         """Weights one position multiplies by: the layers' projections, the router, the top-k
         experts and the LM head (counted even when tied to the embedding)."""
         return (self.attention + self.dense_mlp + self.active_experts + self.router
-                + vocab_size * hidden_size)
+                + self.shared_experts + vocab_size * hidden_size)
 
 
 def head_dim(cfg: RunConfig) -> int:
@@ -74,19 +78,20 @@ def parameter_counts(cfg: RunConfig, vocab_size: int) -> ParameterCounts:
     qk_norm = 2 * d * (2 if m.normalization == "LayerNorm" else 1) if m.qk_layernorm else 0
     attention = m.num_layers * (h * (q + 2 * kv) + q * h)
     up = 2 if m.activation == "swiglu" else 1
-    dense_mlp = experts = router = active_experts = 0
+    dense_mlp = experts = router = active_experts = shared = 0
     if m.num_moe_experts:
         f = m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * h
         per_expert = (up + 1) * h * f
         experts = m.num_layers * m.num_moe_experts * per_expert
         active_experts = m.num_layers * m.moe_router_topk * per_expert
         router = m.num_layers * m.num_moe_experts * h
+        shared = m.num_layers * (up + 1) * h * (m.moe_shared_expert_intermediate_size or 0)
     else:
         dense_mlp = m.num_layers * (up + 1) * h * (m.ffn_hidden_size or 4 * h)
     return ParameterCounts(
         embedding=vocab_size * h, output=vocab_size * h if m.untie_embeddings else 0,
         attention=attention, qk_norm=m.num_layers * qk_norm, dense_mlp=dense_mlp, experts=experts, router=router,
-        norms=(2 * m.num_layers + 1) * norm, active_experts=active_experts)
+        shared_experts=shared, norms=(2 * m.num_layers + 1) * norm, active_experts=active_experts)
 
 
 def flops_per_step(cfg: RunConfig, vocab_size: int) -> int:
@@ -129,7 +134,8 @@ def memory_estimate(cfg: RunConfig, vocab_size: int, world_size: int) -> MemoryE
     # First and last stage: layers/pp plus the embedding (first) or head and final norm (last);
     # take the larger. Everything but the norms is split over TP, experts over EP instead.
     layer_share = 1 / pp
-    dense_layers = (counts.attention + counts.dense_mlp) * layer_share / tp
+    dense_layers = ((counts.attention + counts.dense_mlp + counts.shared_experts) * layer_share
+                    / tp)
     norms = (counts.norms - m.hidden_size) * layer_share
     experts = (counts.experts * layer_share) / ep
     router = counts.router * layer_share
@@ -147,14 +153,35 @@ def memory_estimate(cfg: RunConfig, vocab_size: int, world_size: int) -> MemoryE
     L, b, h = m.seq_length, t.micro_batch_size, m.hidden_size
     up = 2 if m.activation == "swiglu" else 1
     width = (m.moe_router_topk * (m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * h)
+             + (m.moe_shared_expert_intermediate_size or 0)
              if m.num_moe_experts else m.ffn_hidden_size or 4 * h)
-    # bytes per L*b*h for 2-byte activations: attention and norms 15, MLP 3 + (2 up + 2) f / h
+    # bytes per L*b*h for 2-byte activations: attention 11, norms 4, MLP 3 + (2 up + 2) f / h
     # (19 for a 4h GeLU MLP); with TP, the 10 of norms and dropouts are split only under SP.
-    coeff = 15 + 3 + (2 * up + 2) * width / h
-    per_layer = L * b * h * (coeff / tp if p.sequence_parallel or tp == 1
-                             else 10 + (coeff - 10) / tp) * weight_bytes / 2
+    mlp_inner = (2 * up + 2) * width / h
+    coeff = 15 + 3 + mlp_inner
+    modules = set(m.recompute_modules or ["core_attn"]) if (
+        m.recompute_granularity == "selective") else set()
+    # Selective recomputation keeps a module's input, not its inside (core attention: nothing
+    # to drop with flash attention, whose L^2 scores are never stored).
+    coeff -= mlp_inner if modules & {"mlp", "moe"} else 0
+    coeff -= 4 if "layernorm" in modules else 0
+    split = tp if p.sequence_parallel or tp == 1 else 1
+    scale = L * b * h * weight_bytes / 2
+    per_layer = scale * (coeff / tp if split == tp else 10 + (coeff - 10) / tp)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    activations = per_layer * (m.num_layers // pp) * min(pp, microbatches)
+    in_flight, layers = min(pp, microbatches), m.num_layers // pp
+    if m.recompute_granularity == "full":
+        # Full recomputation keeps each unit's input (2 bytes per element) and rebuilds one
+        # unit's activations at a time in the backward pass.
+        n = m.recompute_num_layers or 1
+        kept_input = 2 * scale / split
+        if (m.recompute_method or "uniform") == "uniform":
+            activations = kept_input * -(-layers // n) * in_flight + per_layer * n
+        else:
+            n = min(n, layers)
+            activations = (kept_input * n + per_layer * (layers - n)) * in_flight + per_layer
+    else:
+        activations = per_layer * layers * in_flight
     logits = L * b * vocab_size / tp * (2 + 4 + 4)
     return MemoryEstimate(
         params_on_gpu=round(params), weights=round(params * weight_bytes),

@@ -31,12 +31,17 @@ FIXED = {
     "model.make_vocab_size_divisible_by", "model.normalization", "model.activation",
     "model.position_embedding", "model.rotary_base", "model.no_rope_freq", "model.qk_layernorm",
     "model.untie_embeddings", "model.num_moe_experts", "model.moe_router_topk",
-    "model.moe_ffn_hidden_size", "tst.bag_size", "vocab_size",
+    "model.moe_ffn_hidden_size", "model.moe_shared_expert_intermediate_size",
+    "model.moe_router_enable_expert_bias", "tst.bag_size", "vocab_size",
 }
 EXPLICIT = ("training.train_steps", "training.global_batch_size", "optimizer", "schedule",
             "tst.ratio", "tst.superposition_steps", "tst.weighting", "tst.power",
             "tst.slot_weights", "tst.respect_documents", "data.source", "data.train_paths",
-            "data.train_weights", "data.tokenizer", "data.demo_vocab_size", "model.params_dtype")
+            "data.train_weights", "data.tokenizer", "data.demo_vocab_size", "model.params_dtype",
+            "model.moe_aux_loss_coeff", "model.moe_router_load_balancing_type",
+            "model.moe_router_score_function", "model.moe_router_pre_softmax",
+            "model.moe_router_topk_scaling_factor", "model.moe_z_loss_coeff", "model.fp8",
+            "model.fp8_recipe", "model.fp8_param", "megatron.transformer", "megatron.optimizer")
 # Changes that the resumed LR scheduler must take from the recipe rather than the checkpoint.
 SCHEDULE = ("training.train_steps", "optimizer", "schedule")
 

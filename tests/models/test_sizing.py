@@ -165,3 +165,58 @@ def test_preset_recipe_trains_when_shrunk(name, tmp_path, synthetic_data):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert train[0]["phase"] == "superposition" and train[-1]["phase"] == "recovery"
     assert all(r["loss"] == r["loss"] for r in train)  # finite
+
+
+# The memory figures the GPU recipes' comments state, as `megatron-tst inspect` prints them.
+RECIPE_MEMORY_COMMENTS = {
+    ("3b", ()): 33.0,
+    ("3b", ("training.micro_batch_size=4",)): 52.0,
+    ("3b", ("model.recompute_granularity=selective", "model.recompute_modules=[mlp]")): 23.9,
+    ("10b-a1b", ("model.recompute_granularity=null", "model.recompute_method=null",
+                 "model.recompute_num_layers=null")): 48.0,
+    ("10b-a1b", ()): 36.4,
+}
+
+
+@pytest.mark.parametrize("recipe,overrides", sorted(RECIPE_MEMORY_COMMENTS))
+def test_recipe_comments_state_inspects_memory(recipe, overrides, capsys):
+    """The GPU recipes' comments justify their recomputation settings with `inspect`'s
+    estimate: the figures they state are the ones it prints."""
+    from megatron_tst.cli import main
+
+    text = (REPO / "configs" / f"{recipe}.yaml").read_text()
+    assert f"`megatron-tst inspect configs/{recipe}.yaml`" in text
+    expected = RECIPE_MEMORY_COMMENTS[recipe, overrides]
+    assert f"~{round(expected)} GiB" in text
+    assert main(["inspect", f"configs/{recipe}.yaml", *overrides]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory"))
+    assert f"~{expected:.1f} GiB" in line, line
+
+
+def test_recomputation_shrinks_the_activation_estimate():
+    """Full recomputation of 1-layer units keeps each layer's input (2 bytes x L b h / TP with
+    SP) plus one layer's activations; selective MLP recomputation drops the MLP's expanded
+    width ((2 x 2 + 2) x FFN / h bytes per L b h for SwiGLU)."""
+    base = _load("3b", ["model.recompute_granularity=null"])
+    L, b, h, tp = 4096, 2, 2048, 2
+    layers, f = base.model.num_layers, base.model.ffn_hidden_size
+    none = memory_estimate(base, 128256, 8).activations
+    per_layer = none / layers
+    assert per_layer == pytest.approx(L * b * h * (18 + 6 * f / h) / tp)
+    full = memory_estimate(_load("3b", ["model.recompute_granularity=full"]), 128256, 8)
+    assert full.activations == pytest.approx(layers * 2 * L * b * h / tp + per_layer)
+    mlp = memory_estimate(_load("3b", ["model.recompute_granularity=selective",
+                                       "model.recompute_modules=[mlp]"]), 128256, 8)
+    assert mlp.activations == pytest.approx(layers * L * b * h * 18 / tp)
+
+
+def test_shared_expert_counted_like_megatron_builds_it(megatron_env):
+    cfg = load_config(str(REPO / "configs" / "demo-cpu.yaml"), [
+        "model.num_moe_experts=4", "model.moe_ffn_hidden_size=64",
+        "model.moe_shared_expert_intermediate_size=96", "model.vocab_size=512"])
+    with torch.device("meta"):
+        model = build_model(cfg, 512)
+    counts = parameter_counts(cfg, 512)
+    shared = sum(p.numel() for n, p in model.named_parameters() if ".shared_experts." in n)
+    assert shared == counts.shared_experts == cfg.model.num_layers * 3 * cfg.model.hidden_size * 96
+    assert count_parameters(model) == counts.total
