@@ -220,3 +220,21 @@ def test_shared_expert_counted_like_megatron_builds_it(megatron_env):
     shared = sum(p.numel() for n, p in model.named_parameters() if ".shared_experts." in n)
     assert shared == counts.shared_experts == cfg.model.num_layers * 3 * cfg.model.hidden_size * 96
     assert count_parameters(model) == counts.total
+
+
+def test_inspect_commands_in_recipes_and_docs_run_as_written(capsys):
+    """Every `megatron-tst inspect ...` that docs/recipes.md or a recipe comment shows runs."""
+    import re
+    import shlex
+
+    from megatron_tst.cli import main
+
+    texts = [(REPO / "docs" / "recipes.md").read_text(),
+             *(p.read_text() for p in (REPO / "configs").glob("*.yaml"))]
+    commands = {c for t in texts for c in re.findall(r"`(megatron-tst inspect [^`]+)`", t)}
+    assert len(commands) >= 3, commands
+    for command in sorted(commands):
+        argv = shlex.split(command)[1:]
+        argv[1] = str(REPO / argv[1])
+        assert main(argv) == 0, command
+        assert "memory per GPU" in capsys.readouterr().out, command
