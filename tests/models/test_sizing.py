@@ -231,7 +231,7 @@ def test_inspect_commands_in_recipes_and_docs_run_as_written(capsys):
 
     texts = [(REPO / "docs" / "recipes.md").read_text(),
              *(p.read_text() for p in (REPO / "configs").glob("*.yaml"))]
-    commands = {c for t in texts for c in re.findall(r"`(megatron-tst inspect [^`]+)`", t)}
+    commands = {c for t in texts for c in re.findall(r"`(megatron-tst inspect configs/[^`]+)`", t)}
     assert len(commands) >= 3, commands
     for command in sorted(commands):
         argv = shlex.split(command)[1:]
