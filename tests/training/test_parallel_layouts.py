@@ -76,7 +76,13 @@ def assert_same_steps(got, expected, layout):
           f"grad norm {worst['grad_norm']:.1e}")  # shown with pytest -s
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# Slow (CI time): dp2's data-parallel path also runs in the default suite as dp2-distopt below.
+SLOW_LAYOUTS = {"dp2", "pp2-vp2"}
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_LAYOUTS else [])
+    for name in LAYOUTS])
 def test_layout_matches_single_process_and_reshards_back(reference, tmp_path, layout):
     """Single process -> layout at step 1; layout -> single process at step 2 (superposition
     phase) and at step 4 (recovery phase): every continuation equals the single-process run."""
@@ -118,7 +124,7 @@ FRESH_MOMENT_LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", [
-    pytest.param(name, marks=[pytest.mark.slow] if nproc > 2 else [])
+    pytest.param(name, marks=[pytest.mark.slow] if nproc > 2 or name in SLOW_LAYOUTS else [])
     for name, (_, _, nproc) in FRESH_MOMENT_LAYOUTS.items()])
 def test_layout_from_fresh_moments_matches_single_process(recipe, tmp_path_factory, layout):
     """Layouts whose optimizer state megatron 0.16.1 cannot reshard from one process: EP=1 (one

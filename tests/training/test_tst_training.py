@@ -79,6 +79,7 @@ def test_changing_bag_size_on_resume_is_refused(tiny_recipe, tmp_path):
                  "tst.superposition_steps=3", "training.train_steps=6"])
 
 
+@pytest.mark.slow  # CI time: test_parallel_layouts.py's tp2 layout checks the same by default
 def test_tensor_parallel_tst_matches_one_process(tiny_recipe, tmp_path):
     """TP=2 over gloo (vocab-parallel superposed embedding and MCE, across the switch) = TP=1."""
     one, two = tmp_path / "tp1", tmp_path / "tp2"
