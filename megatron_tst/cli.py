@@ -16,9 +16,22 @@ from megatron_tst.config.errors import InputError
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 DEMO_RECIPE = RECIPES / "demo-cpu.yaml"
+VERBOSE_HELP = ("also show on the terminal what goes only to <run_dir>/logs/rank<N>.log: "
+                "megatron-core's and the other libraries' output, their warnings, the resolved "
+                "config")
 
 
 def _cmd_train(args) -> int:
+    # The console (training/console.py) comes first, before megatron-core and torch are imported
+    # (they warn at import): library output goes to the run's log file, kept in memory until the
+    # run may write its directory; --verbose shows it on the terminal as well.
+    from megatron_tst.training.console import capture
+
+    with capture(verbose=getattr(args, "verbose", False)):
+        return _train(args)
+
+
+def _train(args) -> int:
     import os
 
     # Bad recipes and bad data fail here, in about a second: before megatron-core is imported and
@@ -29,6 +42,7 @@ def _cmd_train(args) -> int:
     from megatron_tst.plan import RunPlan
 
     plan = RunPlan.build(cfg, world_size)
+    plan.fusions  # refuses GPU-only settings (FP8, fusions) on a machine that cannot run them
     check_run_data(cfg, plan.stream)
     if cfg.checkpoint.load not in ("auto", "none"):  # a path: it must be a checkpoint, now
         from megatron_tst.training.saved import find_checkpoint
@@ -121,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML recipe")
     p.add_argument("config", help="YAML recipe, e.g. configs/demo-cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-3")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="train the tiny recipe on the bundled English corpus (CPU)")
     p.add_argument("--config", default=None, help=f"recipe (default {DEMO_RECIPE.name})")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.train_steps=50")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("preprocess", help="tokenize text/JSONL into megatron indexed datasets")

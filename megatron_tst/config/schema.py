@@ -608,6 +608,11 @@ class RunConfig(_KeySources):
                 f"must be a multiple of training.micro_batch_size x data-parallel size = "
                 f"{t.micro_batch_size} x {dp}",
                 key="training.global_batch_size", value=t.global_batch_size)
+        outside = [r for r in t.profile.ranks if r >= world_size]
+        if t.profile.start_step is not None and outside:
+            raise ConfigError(f"rank {outside[0]} is not in this run of {world_size} processes: "
+                              f"give global ranks below {world_size}",
+                              key="training.profile.ranks", value=t.profile.ranks)
         microbatches = t.global_batch_size // (t.micro_batch_size * dp)
         if p.virtual_pipeline_model_parallel_size and microbatches % p.pipeline_model_parallel_size:
             raise ConfigError(

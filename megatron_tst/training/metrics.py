@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,12 +18,8 @@ from megatron_tst.config import RunConfig
 log = logging.getLogger("megatron_tst")
 
 
-def setup_logging(rank: int, is_logging_rank: bool) -> None:
-    """INFO on rank 0 (set-up) and the logging rank (metrics); warnings only elsewhere."""
-    verbose = rank == 0 or is_logging_rank or os.environ.get("MEGATRON_TST_LOG_ALL_RANKS")
-    level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stdout, force=True,
-                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+# The terminal, the run's log file and which records go where: ``training/console.py``.
+from megatron_tst.training.console import setup_logging  # noqa: E402,F401  (re-exported)
 
 
 class MetricsLogger:
@@ -103,9 +98,27 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def format_metrics(step: int, total: int, m: dict[str, Any]) -> str:
+    """The console line of a logged training step, e.g. ``step 20/300 | loss 5.1234 | lr
+    3.000e-04 | grad 0.812 | data tok/s 12,345 | pos/s 3,086 | 0.413 s/step | 41.2 TFLOP/s/GPU
+    | MFU 41.7% | mem 12.3 GiB (peak 15.0) | elapsed 0:01:02 | ETA 0:14:10``. Data tokens count
+    ``s`` per position in the superposition phase; positions are what the model runs. Fields
+    missing from ``m`` (or null) are left out."""
+    from megatron_tst.training.perf import format_duration, format_number
+
     parts = [f"step {step}/{total}"]
-    for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"),
-                     ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}")):
-        if key in m and m[key] is not None:
-            parts.append(f"{key} " + fmt.format(m[key]))
+    fields = (("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("grad_norm", "grad {:.3f}"),
+              ("tokens_per_s", "data tok/s {:,.0f}"), ("positions_per_s", "pos/s {:,.0f}"),
+              ("step_time_s", "{:.3f} s/step"))
+    parts += [fmt.format(m[key]) for key, fmt in fields if m.get(key) is not None]
+    if m.get("tflops_per_gpu") is not None:
+        parts.append(f"{format_number(m['tflops_per_gpu'])} TFLOP/s/GPU")
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {format_number(100 * m['mfu'])}%")
+    for now, peak, label in (("mem_allocated_gib", "mem_peak_gib", "mem"),
+                             ("rss_gib", "rss_peak_gib", "rss")):
+        if m.get(now) is not None:
+            parts.append(f"{label} {m[now]:.2f} GiB (peak {m[peak]:.2f})")
+    for key, label in (("elapsed_s", "elapsed"), ("eta_s", "ETA")):
+        if m.get(key) is not None:
+            parts.append(f"{label} {format_duration(m[key])}")
     return " | ".join(parts)

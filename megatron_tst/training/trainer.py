@@ -28,14 +28,17 @@ from megatron_tst.models.gpt import build_model_chunks, count_parameters
 from megatron_tst.models.sizing import flops_per_step
 from megatron_tst.plan import RunPlan
 from megatron_tst.training import checkpoint as ckpt
+from megatron_tst.training import console
 from megatron_tst.training import failpoints
 from megatron_tst.training.distributed import init_distributed
 from megatron_tst.training.faults import nonfinite_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
 from megatron_tst.training.moe_metrics import moe_metrics
 from megatron_tst.training.optim import TrainingOptimizer, wrap_model
+from megatron_tst.training.perf import PerfMonitor, format_timers
 from megatron_tst.training.policies import (NonFinitePolicy, Outcome, SpikeWatch, StatusFile,
                                             StopConditions)
+from megatron_tst.training.profiler import StepProfiler
 from megatron_tst.training.resume import changes_schedule, check_resume
 from megatron_tst.training.rundir import lock_run_dir, write_run_config
 from megatron_tst.training.signals import FAILED, FINISHED, STOPPED
@@ -71,7 +74,7 @@ class Trainer:
         self.lock = lock_run_dir(cfg, int(os.environ.get("RANK", 0)))  # refuses a second run
         self.env = init_distributed(cfg)
         self.stop.signals.device = self.env.device
-        setup_logging(self.env.rank, self.env.is_logging_rank)
+        setup_logging(self.env.rank, self.env.is_logging_rank)  # training/console.py
         # Every check that can refuse the run comes before the run directory is written to (the
         # demo data, megatron's index cache, metrics, run_config.yaml).
         vocab, name = run_tokenizer_vocab(cfg)
@@ -100,6 +103,10 @@ class Trainer:
                 vocab_size=self.plan.padded_vocab_size,
                 eod=self.data.tokenizer.eod if cfg.tst.respect_documents else None)
         self.flops_per_step = flops_per_step(cfg, self.plan.padded_vocab_size)
+        self.perf = PerfMonitor(cfg, self.env.device, self.env.world_size, self.env.rank,
+                                self.flops_per_step, announce=self.env.is_logging_rank)
+        self.profiler = StepProfiler(cfg.training.profile, self.env.rank,
+                                     Path(cfg.resolved_run_dir))
 
         self.state = ckpt.TrainState(data_chunk=self.stream.data_chunk,
                                      vocab_size=self.plan.vocab_size, tokenizer_vocab=vocab)
@@ -124,21 +131,19 @@ class Trainer:
         self.last_checkpoint, self.saved_at = saved.path, self.state.step
 
     def _announce(self, saved, accepted: list) -> None:
+        """The run may write its directory now: this rank's log file (``training/console.py``)
+        gets the records kept since the start, rank 0 writes run_config.yaml, the logging rank
+        prints the run header."""
+        log_path = console.open_run_log(self.cfg)
         if self.env.rank == 0:
-            log.info("resolved config:\n%s", config_to_yaml(self.cfg))
+            log.info("resolved config:\n%s", config_to_yaml(self.cfg), extra=console.FILE_ONLY)
             write_run_config(self.cfg)
-            log.info("megatron-core %s, torch %s, Python %s", mcore.installed(),
-                     torch.__version__, mcore.python_line())
             if untested := mcore.tested_pair():
                 log.warning(untested)
-        sched = self.schedule
-        log.info("model: %s parameters on this rank, vocab %d (padded), world size %d, "
-                 "%d micro-batches per step", f"{self.num_params:,}", self.plan.padded_vocab_size,
-                 self.env.world_size, self.layout.num_microbatches)
-        if sched.is_tst:
-            log.info("TST: superposition (s=%d) for steps 1-%d, recovery for steps %d-%d",
-                     sched.bag_size, sched.superposition_steps, sched.superposition_steps + 1,
-                     sched.total_steps)
+        log.info("model: %s parameters on this rank, %d micro-batches per step",
+                 f"{self.num_params:,}", self.layout.num_microbatches, extra=console.FILE_ONLY)
+        if self.env.is_logging_rank:
+            log.info(console.run_header(self.cfg, self.plan, log_path), extra=console.HEADER)
         if saved is not None:
             self.metrics.event(self.state.step, f"resumed from {saved.path}")
             for change in accepted:
@@ -152,7 +157,10 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         forward_step = self.forward_steps[phase.name == SUPERPOSITION]
-        loss = reduce_loss(self.runner(forward_step, data_iterator, forward_only=False))
+        timers = self.perf.timers
+        with timers.time("forward_backward"), self.perf.straggler:
+            loss = reduce_loss(self.runner(forward_step, timers.data(data_iterator),
+                                           forward_only=False))
         bad = nonfinite_step(loss, self.model, self.env.device, self.state.step + 1)
         metrics = {"loss": None if loss is None else loss.item(), "lr": self.optimizer.lr}
         if bad["loss"] or bad["grad"]:
@@ -161,7 +169,8 @@ class Trainer:
             if self.cfg.training.nonfinite == "skip":
                 self.optimizer.skip()
             return metrics
-        ok, grad_norm = self.optimizer.step()
+        with timers.time("optimizer"):
+            ok, grad_norm = self.optimizer.step()
         metrics.update(grad_norm=grad_norm, skipped=not ok)
         if self.cfg.model.num_moe_experts:
             metrics.update(moe_metrics(self.layout.num_microbatches))
@@ -217,7 +226,7 @@ class Trainer:
     def save(self) -> None:
         tic = time.time()
         try:
-            with self.stop.signals.blocked():
+            with self.stop.signals.blocked(), self.perf.timers.time("save"):
                 self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
                                                             self.state,
                                                             protect=self.nonfinite.protected)
@@ -244,8 +253,11 @@ class Trainer:
         train_loss = valid_loss = evaluated_at = None  # evaluated_at: the same on every rank
         phase, batches, outcome = None, None, None
         self.status.write("running", st.step)
+        self.perf.start()
         while st.step < stop_at:
-            if self.schedule.phase(st.step) != phase:
+            upcoming = self.schedule.phase(st.step)
+            self.profiler.begin(st.step + 1, upcoming)
+            if upcoming != phase:
                 phase, batches = self._enter_phase(phase, stop_at)
             tic = time.time()
             m = self.train_step(phase, batches)
@@ -256,6 +268,8 @@ class Trainer:
             elif outcome := self.nonfinite(m, st, self._save_if_needed, self.last_checkpoint):
                 break
             self._advance(phase, m, elapsed)
+            if trace := self.profiler.end(st.step):
+                self.metrics.event(st.step, f"profiler trace written to {trace}")
             train_loss = m["loss"] if m["loss"] is not None else train_loss
             if t.eval_interval and (st.step % t.eval_interval == 0 or st.step == t.train_steps
                                     or st.step == self.schedule.superposition_steps):
@@ -268,6 +282,8 @@ class Trainer:
                 outcome = self._stop_early(received)
                 break
         self.stop.signals.restore()
+        if trace := self.profiler.close():  # the run ended inside the profiled steps
+            self.metrics.event(st.step, f"profiler trace (cut short) written to {trace}")
         if t.eval_interval and evaluated_at != st.step and not outcome:
             valid_loss = self._log_eval()
         self.metrics.close()
@@ -308,11 +324,17 @@ class Trainer:
                  tokens_per_s=self.stream.step_tokens(phase) / elapsed,
                  positions_per_s=B * L / elapsed, flops=st.step * self.flops_per_step,
                  skipped_steps=st.skipped_steps)
+        stop_at = t.exit_at_step or t.train_steps
+        m.update(self.perf.step(st.step, elapsed, stop_at))
+        logged = st.step % t.log_interval == 0 or st.step == stop_at  # the same on every rank
+        if logged:
+            m.update(self.perf.interval())  # timers and memory over the ranks: a collective
         self.spikes(st.step, m)
         self.metrics.log(st.step, m)
-        stop_at = t.exit_at_step or t.train_steps
-        if self.env.is_logging_rank and (st.step % t.log_interval == 0 or st.step == stop_at):
+        if self.env.is_logging_rank and logged:
             log.info(format_metrics(st.step, t.train_steps, m))
+            if timers := format_timers(st.step, m):  # the log file; metrics.jsonl has them too
+                log.info(timers, extra=console.FILE_ONLY)
 
     def _stop_early(self, received: str) -> Outcome:
         why = self.stop.describe(received)
@@ -324,7 +346,8 @@ class Trainer:
 
     def _log_eval(self) -> Optional[float]:
         tic = time.time()
-        losses = self.evaluate()
+        with self.perf.timers.time("eval"):
+            losses = self.evaluate()
         self.stop.longest_eval_s = max(self.stop.longest_eval_s, time.time() - tic)
         if self.env.is_logging_rank and losses:
             self.metrics.log(self.state.step, losses, kind="valid")

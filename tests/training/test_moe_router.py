@@ -4,7 +4,6 @@ z-loss, a shared expert; the expert bias is saved with the checkpoint."""
 
 import math
 
-import pytest
 import torch
 
 from tests.conftest import read_metrics, run_cli

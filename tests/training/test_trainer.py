@@ -50,13 +50,19 @@ def test_two_process_data_parallel_matches_one_process(tiny_recipe, tmp_path):
     one, two = tmp_path / "dp1", tmp_path / "dp2"
     run_cli(["train", str(tiny_recipe), f"run_dir={one}", "training.train_steps=4"])
     run_cli(["train", str(tiny_recipe), f"run_dir={two}", "training.train_steps=4",
-             "parallel.use_distributed_optimizer=true"], nproc=2)
+             "parallel.use_distributed_optimizer=true", "logging.log_memory=true"], nproc=2)
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):  # equal up to the order of floating-point sums
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
     assert (two / "checkpoints" / "latest").is_file()
+    # megatron timers, min and max over the 2 ranks, every logged step (tests/training/test_perf.py)
+    for r in b:
+        for name in ("forward_backward", "optimizer", "data"):
+            assert 0 < r[f"time_{name}_min_s"] <= r[f"time_{name}_max_s"]
+        assert r["rss_peak_gib"] >= r["rss_gib"] > 0  # the largest over the ranks
+    assert [r["step"] for r in b if "time_eval_max_s" in r] == [4]  # evaluated after step 3
 
 
 def test_config_error_exits_cleanly(tiny_recipe):
