@@ -110,7 +110,7 @@ def test_profile_ranks_outside_the_world_are_refused():
     with pytest.raises(ConfigError, match="rank 4 is not in this run of 2 processes"):
         load_config(str(REPO / "configs" / "demo-cpu.yaml"), [
             "training.profile.start_step=1", "training.profile.end_step=2",
-            "training.profile.ranks=[0,4]"], world_size=2)
+            "training.profile.ranks=[0,4]", "training.micro_batch_size=8"], world_size=2)
 
 
 def test_profiler_runs_only_the_steps_this_job_runs(tmp_path):
