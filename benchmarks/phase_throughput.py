@@ -24,16 +24,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(recipe: str, run_dir: Path, overrides: list[str]) -> list[dict]:
+class TrainingFailed(RuntimeError):
+    """A training subprocess exited non-zero; the message ends with its output's tail."""
+
+
+# What every benchmark training sets: no checkpoints, no evaluation, no wandb.
+RUN_OVERRIDES = ["checkpoint.load=none", "checkpoint.save_interval=0",
+                 "checkpoint.save_final=false", "training.eval_interval=0", "logging.wandb=false"]
+
+
+def run(recipe: str, run_dir: Path, overrides: list[str], env: dict | None = None,
+        timeout: float | None = None) -> list[dict]:
+    """Train ``recipe`` in a fresh process (``python -m megatron_tst.cli train``) with no
+    checkpoints and no evaluation; return its per-step ``train`` records from metrics.jsonl.
+    ``env``: the process's environment (default this one's); ``timeout``: seconds."""
     cmd = [sys.executable, "-m", "megatron_tst.cli", "train", recipe, f"run_dir={run_dir}",
-           "checkpoint.load=none", "checkpoint.save_interval=0", "checkpoint.save_final=false",
-           "training.eval_interval=0", "logging.wandb=false", *overrides]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+           *RUN_OVERRIDES, *overrides]
+    env = {**(os.environ if env is None else env), "WANDB_MODE": "disabled"}
+    try:
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise TrainingFailed(f"{' '.join(cmd)}\ndid not finish within {timeout:.0f} s") from err
     if res.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    with open(run_dir / "metrics.jsonl") as f:
+        raise TrainingFailed(f"{' '.join(cmd)} failed (exit {res.returncode}):\n"
+                             f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    with open(Path(run_dir) / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def median(records: list[dict], key: str, skip: int = 0) -> float:
+    """The median of ``key`` over ``records`` after the first ``skip`` (warm-up) steps."""
+    return statistics.median(r[key] for r in records[skip:])
 
 
 def main() -> None:
@@ -48,22 +70,22 @@ def main() -> None:
     common = [f"training.train_steps={a.steps}", "schedule.warmup_steps=1",
               "schedule.decay_fraction=0", f"data.num_workers={a.workers}", *a.overrides]
     with tempfile.TemporaryDirectory() as tmp:
-        base = run(a.recipe, Path(tmp) / "base", ["tst.bag_size=1", "tst.ratio=null", *common])
-        tst = run(a.recipe, Path(tmp) / "tst",
-                  [f"tst.bag_size={a.bag_size}", "tst.ratio=1.0", *common])
+        try:
+            base = run(a.recipe, Path(tmp) / "base", ["tst.bag_size=1", "tst.ratio=null", *common])
+            tst = run(a.recipe, Path(tmp) / "tst",
+                      [f"tst.bag_size={a.bag_size}", "tst.ratio=1.0", *common])
+        except TrainingFailed as err:
+            sys.exit(str(err))
     assert all(r["phase"] == "superposition" for r in tst)
-
-    def median(records, key):
-        return statistics.median(r[key] for r in records[a.warmup:])
-
-    b_tok, t_tok = median(base, "tokens_per_s"), median(tst, "tokens_per_s")
-    b_time, t_time = median(base, "step_time_s"), median(tst, "step_time_s")
+    b_tok, t_tok = median(base, "tokens_per_s", a.warmup), median(tst, "tokens_per_s", a.warmup)
+    b_time, t_time = median(base, "step_time_s", a.warmup), median(tst, "step_time_s", a.warmup)
     ratio = t_tok / b_tok
     print(f"recipe {Path(a.recipe).name}, {a.steps} steps (median of the last {a.steps - a.warmup})")
     print(f"{'run':<22}{'step time (s)':>14}{'data tokens/s':>16}{'positions/s':>14}")
-    print(f"{'baseline':<22}{b_time:>14.4f}{b_tok:>16,.0f}{median(base, 'positions_per_s'):>14,.0f}")
+    print(f"{'baseline':<22}{b_time:>14.4f}{b_tok:>16,.0f}"
+          f"{median(base, 'positions_per_s', a.warmup):>14,.0f}")
     print(f"{f'superposition s={a.bag_size}':<22}{t_time:>14.4f}{t_tok:>16,.0f}"
-          f"{median(tst, 'positions_per_s'):>14,.0f}")
+          f"{median(tst, 'positions_per_s', a.warmup):>14,.0f}")
     verdict = "meets" if ratio >= 0.9 * a.bag_size else "MISSES"
     print(f"data tokens/s ratio {ratio:.2f} = {ratio / a.bag_size:.2f} * s "
           f"({verdict} the 0.9 * s target)")
