@@ -62,6 +62,7 @@ class TSTGPTModel(GPTModel):
                                                    gather_from_sequence_parallel_region)
 
         layer = self.output_layer
+        run_forward_pre_hooks(layer, hidden_states)
         weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
                   else layer.weight)
         tp = self.pg_collection.tp
@@ -82,3 +83,15 @@ class TSTGPTModel(GPTModel):
         w = torch.ones(t.shape, dtype=torch.float32, device=t.device)
         per_token = linear_mce(h, weight, t, w, impl=self.loss_impl, tp_group=tp, reduction="none")
         return per_token.view(length, batch).transpose(0, 1).contiguous()
+
+
+def run_forward_pre_hooks(module: torch.nn.Module, *args) -> None:
+    """Run ``module``'s forward pre-hooks as its ``forward`` would, for a caller that uses its
+    weight without calling it. megatron's DDP with ``overlap_param_gather`` waits there for the
+    asynchronous all-gather of the module's (distributed-optimizer) parameters and dispatches the
+    next bucket's: skipped, the weight could be stale and the next step's dispatch asserts."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if key in module._forward_pre_hooks_with_kwargs:
+            hook(module, args, {})
+        else:
+            hook(module, args)

@@ -108,7 +108,12 @@ def test_layout_matches_single_process_and_reshards_back(reference, tmp_path, la
 FRESH_MOMENT_LAYOUTS = {
     # name: (model overrides, layout overrides, processes)
     "ep2-moe": (MOE, ["parallel.expert_model_parallel_size=2"], 2),
-    "dp2-distopt": ([], ["parallel.use_distributed_optimizer=true"], 2),
+    # as configs/base/gpu-pretrain.yaml: overlapped grad reduce and param gather, with the GPU's
+    # fused-linear loss (its chunked twin) and buckets so small that the output layer has one of
+    # its own: its gather is waited for by its pre-hook only, though the loss never calls it
+    "dp2-distopt": (["loss.implementation=chunked"],
+                    ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+                     "parallel.overlap_param_gather=true", "megatron.ddp={bucket_size: 8000}"], 2),
     # interleaved 1F1B: 2 stages x 2 model chunks of 1 layer, 4 micro-batches per step
     "pp2-vp2": (["model.num_layers=4"], ["parallel.pipeline_model_parallel_size=2",
                                           "parallel.virtual_pipeline_model_parallel_size=2"], 2),
