@@ -24,6 +24,8 @@ fresh ``python -m megatron_tst.cli train configs/270m.yaml ...`` (``phase_throug
 (d) fp8: the (a) run with model.fp8=hybrid and model.fp8_recipe=tensorwise (mxfp8 on compute
     capability >= 10.0): both phases, finite, first losses close to the bf16 run's.
 
+On a GPU without transformer-engine, (a)'s TE run, te-vs-local and (d) are SKIPped (the
+Dockerfile's image has it) and (c) measures the local spec.
 Without a CUDA GPU the GPU-only checks are SKIPped (with the reason) and the rest runs at the demo
 model's size with single-threaded trainings: (a) with the local spec only, the loss being the
 chunked fused linear + MCE (the PyTorch twin of the GPU's Triton kernel); (b) on CPU, the Triton
@@ -62,6 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import phase_throughput  # noqa: E402  run() and TrainingFailed: the trainings in fresh processes
+from megatron_tst.plan import transformer_engine_available  # noqa: E402
 
 IGNORE = -100
 GROUPS = ("recipe", "mce", "throughput", "fp8")
@@ -72,6 +75,9 @@ CHECKS = (("recipe-te", "a", "recipe", True), ("recipe-local", "a", "recipe", Fa
           ("phase1-throughput", "c", "throughput", False), ("mfu", "c", "throughput", False),
           ("fp8", "d", "fp8", True))
 NO_GPU = "GPU only: no CUDA device here"
+TE_ONLY = ("recipe-te", "te-vs-local", "fp8")  # SKIPped where transformer-engine is missing
+NO_TE = ("transformer-engine is not importable here (the Dockerfile's image has it); "
+         "(c) measures the local spec")
 
 
 @dataclasses.dataclass
@@ -411,7 +417,8 @@ def check_trainings(a, gpu: bool, groups: set[str], checks: dict[str, Check],
                 c.fail(f"data: {str(err).splitlines()[0]}")
         return
     _say(f"demo corpus preprocessed: {time.time() - tic:.0f} s")
-    main_impl = "transformer_engine" if gpu else "local"  # the spec (c) and (d) measure
+    te = gpu and transformer_engine_available()
+    main_impl = "transformer_engine" if te else "local"  # the spec (c) and (d) measure
     # CPU: one thread per training, so that the other jobs of a shared host disturb its steps
     # less (a multi-threaded step waits for its slowest thread)
     env = TRAIN_ENV if gpu else {**TRAIN_ENV, "OMP_NUM_THREADS": "1"}
@@ -419,12 +426,12 @@ def check_trainings(a, gpu: bool, groups: set[str], checks: dict[str, Check],
 
     if "recipe" in groups:
         for impl, key in (("transformer_engine", "recipe-te"), ("local", "recipe-local")):
-            if gpu or impl == main_impl:
+            if te or impl == main_impl:
                 try:
                     checks[key].result(*through_both_phases(runs[impl], a))
                 except phase_throughput.TrainingFailed as err:
                     checks[key].fail(_failure(err))
-        if gpu:
+        if te:
             c = checks["te-vs-local"]
             if checks["recipe-te"].status == checks["recipe-local"].status == "PASS":
                 gap, figure, losses = first_loss_gap(runs["transformer_engine"], runs["local"],
@@ -441,7 +448,7 @@ def check_trainings(a, gpu: bool, groups: set[str], checks: dict[str, Check],
             for key in ("phase1-throughput", "mfu"):
                 checks[key].fail(_failure(err))
 
-    if "fp8" in groups and gpu:
+    if "fp8" in groups and te:
         check_fp8(a, runs, checks["fp8"])
 
 
@@ -716,6 +723,8 @@ def main(argv=None) -> int:
             checks[key].skip("not selected (--only)")
         elif gpu_only and not gpu:
             checks[key].skip(NO_GPU)
+        elif key in TE_ONLY and not transformer_engine_available():
+            checks[key].skip(NO_TE)
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
