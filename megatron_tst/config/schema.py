@@ -204,10 +204,16 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
+    # The process groups' timeout: a collective that waits longer fails on every rank that
+    # waits (torch's default is 10 minutes for nccl, 30 for gloo). It must cover the longest
+    # gap between two collectives: a synchronous save, an evaluation.
+    timeout_minutes: float = 30.0
 
     def validate(self, model: ModelConfig) -> None:
         """The sizes, and the model's heads, layers and experts they split."""
         m, tp, pp = model, self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if not self.timeout_minutes > 0:
+            _fail(self, "parallel.timeout_minutes", "must be positive (minutes)")
         _POSITIVE_INT.check(self, "parallel.tensor_model_parallel_size",
                             "parallel.pipeline_model_parallel_size",
                             "parallel.expert_model_parallel_size")
@@ -317,6 +323,11 @@ class TrainingConfig:
     # is less than the longest step, the longest evaluation and the last save took together.
     # None = no limit.
     time_limit_minutes: Optional[float] = None
+    # Hang watchdog: when no step (nor evaluation batch, nor save) finishes within this many
+    # minutes, every rank dumps its Python stacks to <run_dir>/hang/, writes exit_status.json
+    # (failed, reason hang) and exits with status 76. None = off. It must exceed the longest
+    # step, evaluation batch and save (docs/reliability.md).
+    hang_timeout_minutes: Optional[float] = None
     # A non-finite loss or gradient: skip the update (counted) or stop after saving (status 3).
     nonfinite: Literal["stop", "skip"] = "stop"
     # skip: stop anyway (as nonfinite, after saving) past this many skipped steps in a row, or
@@ -339,6 +350,8 @@ class TrainingConfig:
                   f"must be in [1, training.train_steps={self.train_steps}]")
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
             _fail(self, "training.time_limit_minutes", "must be positive (or null for no limit)")
+        if self.hang_timeout_minutes is not None and not self.hang_timeout_minutes > 0:
+            _fail(self, "training.hang_timeout_minutes", "must be positive (or null: no watchdog)")
         if self.loss_spike_sigma < 0:
             _fail(self, "training.loss_spike_sigma", "must be >= 0 (0 turns the detector off)")
         for name in self.exit_signals:
@@ -411,6 +424,10 @@ class CheckpointConfig:
     keep_last: int = 2  # 0 = keep all
     load: str = "auto"  # auto: latest in dir if any | none | a checkpoint directory
     load_optimizer: bool = True  # false: fresh Adam moments (model, step, data, LR continue)
+    # Write checkpoints in the background (megatron-core's dist_checkpointing async save):
+    # training goes on while the files are written; the completion record and 'latest' follow
+    # once every rank's write has finished (docs/reliability.md).
+    async_save: bool = False
     # Recipe changes accepted on resume (keys or sections, e.g. [training.train_steps, schedule]);
     # see docs/checkpoints.md for what may change freely and what never can.
     allow_changes: list[str] = field(default_factory=list)
