@@ -57,11 +57,13 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           device.report_cuda_type_names),
     Patch("cuda_streams_events",
           "torch.cuda.Stream/Event/stream/current_stream/synchronize, Tensor.record_stream in "
-          "moe.token_dispatcher, DDP, p2p_communication, dist_checkpointing",
+          "moe.token_dispatcher, DDP, p2p_communication, dist_checkpointing (synchronous and "
+          "asynchronous saves: filesystem_async.preload_tensors, async_utils.TemporalAsyncCaller)",
           "they raise on the CPU build; everything is synchronous on the CPU, so no-ops are exact",
           cuda_stubs.patch_streams_events),
     Patch("cuda_current_device",
-          "torch.cuda.current_device/set_device in GlobalMemoryBuffer, p2p, mappings, DDP",
+          "torch.cuda.current_device/set_device in GlobalMemoryBuffer, p2p, mappings, DDP, "
+          "dist_checkpointing's async completion checks (async_utils.AsyncCallsQueue)",
           "raises on the CPU build; returns 0, which cuda_device_to_cpu maps to cpu",
           cuda_stubs.patch_current_device),
     Patch("cuda_rng",

@@ -7,7 +7,9 @@ step, the megatron-core and torch that wrote it), ``latest``, and applies retent
 killed at any point leaves ``latest`` on a complete checkpoint, so a resume uses the previous
 complete one (and says which incomplete directories it skipped). Retention counts complete
 checkpoints only, never removes the one ``latest`` names, and removes incomplete leftovers of
-crashed saves. ``MEGATRON_TST_FAILPOINT=<point>[@step]`` kills the process with SIGKILL at a named
+crashed saves. With ``checkpoint.async_save`` the files are written in the background
+(``training/async_save.py``) and the same record, ``latest`` and retention follow once every
+rank's writer is done. ``MEGATRON_TST_FAILPOINT=<point>[@step]`` kills the process with SIGKILL at a named
 point of a save (``FAILPOINTS``, ``training/failpoints.py``): the crash-safety tests use it.
 """
 
@@ -31,20 +33,24 @@ import torch.distributed as dist
 from megatron_tst import mcore
 from megatron_tst.config import RunConfig
 from megatron_tst.config.loader import config_to_yaml
-from megatron_tst.training import failpoints
+from megatron_tst.training import async_save, failpoints
+from megatron_tst.training.async_save import BackgroundSaves
 from megatron_tst.training.failpoints import kill_if
 from megatron_tst.training.optim import TrainingOptimizer
 from megatron_tst.training.saved import (FORMAT_VERSION, LATEST, RECORD, STEP_DIR,
                                          CheckpointError, DamagedCheckpointError,
-                                         SavedCheckpoint, damaged, digest_files, is_complete,
+                                         SavedCheckpoint, checkpoint_files, damaged,
+                                         digest_files, is_complete,
                                          latest_checkpoint, load_errors, model_keys,
                                          open_checkpoint, record_files, step_dir_name,
                                          step_dirs, verify_files)
 
 log = logging.getLogger(__name__)
 
-FAILPOINTS = ("save:before_write", "save:after_write", "save:before_record", "save:before_latest",
-              "save:before_prune", "prune:after_first_delete")  # SIGKILL there
+FAILPOINTS = ("save:before_write", "save:writing", "save:after_write", "save:before_record",
+              "save:before_latest", "save:before_prune", "prune:after_first_delete")  # SIGKILL
+# ``save:writing``: background saves only, the writers still writing; in a background save
+# ``save:after_write`` is the start of its finalization.
 # ``save:disk_full``: the write fails with ENOSPC after writing part of a file
 # Distributed-optimizer state is saved dp-reshardable so a run can resume on another DP size.
 SHARDING_METADATA = {
@@ -163,10 +169,15 @@ def _sharded_state_dict(model_chunks, optimizer: TrainingOptimizer, train_state:
 
 # ---------------------------------------------------------------------------------- saving
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
-                    train_state: TrainState, protect: Optional[Path] = None) -> Path:
+                    train_state: TrainState, protect: Optional[Path] = None,
+                    background: Optional[BackgroundSaves] = None) -> Path:
     """Save on all ranks; then rank 0 writes the completion record, points ``latest`` at it and
     applies retention (see the module docstring for why in this order), which never removes
-    ``protect`` (the last checkpoint before a streak of skipped non-finite steps)."""
+    ``protect`` (the last checkpoint before a streak of skipped non-finite steps).
+
+    With ``background`` (``checkpoint.async_save``) the files are written by megatron's async
+    writer and the record, ``latest`` and retention follow when ``background.poll`` finds every
+    rank's write finished (``training/async_save.py``); the returned directory is pending."""
     from megatron.core import dist_checkpointing
 
     root = Path(cfg.checkpoint_dir)
@@ -180,6 +191,16 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
     dist.barrier()
     kill_if("save:before_write", step)
     state = _sharded_state_dict(model_chunks, optimizer, train_state, cfg, is_loading=False)
+    record = {"format_version": FORMAT_VERSION, "step": step, "phase": train_state.phase,
+              "consumed_tokens": train_state.consumed_tokens}
+    if background is not None:
+        background.schedule(
+            async_save.request(state, path), path, step,
+            complete=lambda: _complete_background(cfg, path, record, protect),
+            on_failure=lambda err: _background_failure(cfg, path, err))
+        kill_if("save:writing", step)  # the writer processes are still writing
+        failpoints.signal_if("save:signal", step)  # SIGTERM now; the writers are held 2 s
+        return path
     try:
         if failpoints.active("save:disk_full", step):  # a write that fills the disk
             (path / f"__{rank}_0.distcp").write_bytes(b"\0" * 4096)
@@ -192,21 +213,61 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
         raise SaveError(_disk_full_message(cfg, path, root), reason="disk_full") from err
     kill_if("save:after_write", step)
     dist.barrier()
-    files = _gather_digests(path)  # every rank checksums its share of the files
-    if rank == 0:
+    _complete(cfg, path, record, _gather_digests(path), protect)  # every rank checksums a share
+    return path
+
+
+def _complete(cfg: RunConfig, path: Path, record: dict, files: dict,
+              protect: Optional[Path]) -> None:
+    """Rank 0: run_config.yaml, the completion record, ``latest``, retention; then a barrier."""
+    root, step = path.parent, record["step"]
+    if dist.get_rank() == 0:
         (path / "run_config.yaml").write_text(config_to_yaml(cfg))
         kill_if("save:before_record", step)
         _write_atomic(path / RECORD, json.dumps(
-            {"format_version": FORMAT_VERSION, "step": step, "phase": train_state.phase,
-             "consumed_tokens": train_state.consumed_tokens,
-             "megatron_core": str(mcore.installed()), "torch": torch.__version__,
+            {**record, "megatron_core": str(mcore.installed()), "torch": torch.__version__,
              "files": files}, indent=2) + "\n")
         kill_if("save:before_latest", step)
         _write_atomic(root / LATEST, path.name + "\n")
         kill_if("save:before_prune", step)
         _prune(root, cfg.checkpoint.keep_last, keep=path, protect=protect)
     dist.barrier()
-    return path
+
+
+def _complete_background(cfg: RunConfig, path: Path, record: dict,
+                         protect: Optional[Path]) -> None:
+    """Finalization of a background save, on every rank once every writer is done: the digests
+    the writers left, rank 0 checksums the rest (megatron's metadata), then as ``_complete``."""
+    kill_if("save:after_write", record["step"])
+    files, errors, enospc = async_save.gather_digests(path)
+    if errors:
+        raise _BackgroundWriteFailed("; ".join(errors), enospc)
+    dist.barrier()  # every digest file is removed
+    if dist.get_rank() == 0:
+        rest = [name for name in checkpoint_files(path) if name not in files]
+        files = dict(sorted({**files, **digest_files(path, names=rest)}.items()))
+    _complete(cfg, path, record, files, protect)
+
+
+class _BackgroundWriteFailed(RuntimeError):
+    def __init__(self, message: str, enospc: bool):
+        super().__init__(message)
+        self.enospc = enospc
+
+
+def _background_failure(cfg: RunConfig, path: Path, err: BaseException) -> "SaveError":
+    """A background save that failed (on every rank): its directory is removed and a
+    ``SaveError`` names the cause; ``latest`` still names the previous checkpoint."""
+    root = path.parent
+    full = getattr(err, "enospc", False) or _out_of_space(err, root)
+    async_save.remove_partial(path)
+    if full:
+        return SaveError(_disk_full_message(cfg, path, root), reason="disk_full")
+    why = " ".join(f"{type(err).__name__}: {err}".split())[:500]
+    return SaveError(f"the background save of {path.name} failed ({why}): its directory was "
+                     f"removed and 'latest' still names the previous checkpoint. Fix the cause, "
+                     f"or set checkpoint.async_save=false to see it at the save itself, then "
+                     f"resubmit to resume", reason="save_failed")
 
 
 class SaveError(RuntimeError):

@@ -10,6 +10,8 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,23 +65,43 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
     else:
         device = torch.device("cpu")
 
+    p = cfg.parallel
+    if backend == "nccl":
+        flight_recorder_env(cfg.resolved_run_dir)
     if not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
             init_method = "env://"
         dist.init_process_group(backend=backend, init_method=init_method,
-                                rank=rank, world_size=world_size)
-    p = cfg.parallel
+                                rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=p.timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
+            distributed_timeout_minutes=p.timeout_minutes,
         )
     seed_everything(cfg.seed)
     return DistEnv(rank, world_size, local_rank, device, backend)
+
+
+def flight_recorder_env(run_dir: str, environ: Optional[dict] = None) -> dict:
+    """NCCL's flight recorder (the last collectives of every process group, dumped when one
+    times out) into ``<run_dir>/hang/nccl_trace_rank_<R>``: set before the process group exists,
+    each only where neither its name nor torch's newer ``TORCH_FR_*`` one is set (a user's or
+    launcher's value wins). Returns what was set."""
+    environ = os.environ if environ is None else environ
+    wanted = ((("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"), "2000"),
+              (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1"),
+              (("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"),
+               os.path.join(os.path.abspath(run_dir), "hang", "nccl_trace_rank_")))
+    added = {names[0]: value for names, value in wanted
+             if not any(n in environ for n in names)}
+    environ.update(added)  # torch does not create hang/: the trainer does (training/watchdog.py)
+    return added
 
 
 def seed_everything(seed: int) -> None:

@@ -2,8 +2,9 @@
 (``@3``: at step 3 only; ``@3+``: at step 3 and every later one; no step: always).
 
 Points: the ``save:*`` and ``prune:*`` points of ``training/checkpoint.py`` (the process is
-killed with SIGKILL there; ``save:disk_full`` instead fails the write with ENOSPC), ``grad:nan``
-(rank 0 writes a NaN into its gradients after the data-parallel reduction of that step, which
+killed with SIGKILL there; ``save:disk_full`` instead fails the write with ENOSPC, and
+``save:signal`` sends SIGTERM right after a background save starts, its writers held 2 s),
+``grad:nan`` (rank 0 writes a NaN into its gradients after the data-parallel reduction of that step, which
 only the non-finite check can then notice) and ``eval:signal`` (the process sends itself SIGTERM
 during the first validation batch after that step). Unset, every call is one environment lookup.
 """

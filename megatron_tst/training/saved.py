@@ -83,10 +83,12 @@ def checkpoint_files(step_dir: Path) -> list[str]:
                   if p.is_file() and p.name not in (RECORD, "run_config.yaml"))
 
 
-def digest_files(step_dir: Path, share: tuple[int, int] = (0, 1)) -> dict:
-    """{relative path: {"size", "crc32"}} of this rank's share (``(rank, world)``) of the files."""
+def digest_files(step_dir: Path, share: tuple[int, int] = (0, 1),
+                 names: Optional[list[str]] = None) -> dict:
+    """{relative path: {"size", "crc32"}} of this rank's share (``(rank, world)``) of the files
+    (of ``names`` if given, else of all of them)."""
     step_dir = Path(step_dir)
-    mine = _share(checkpoint_files(step_dir), share)
+    mine = _share(checkpoint_files(step_dir) if names is None else names, share)
     with ThreadPoolExecutor(CHECKSUM_THREADS) as pool:
         crcs = list(pool.map(lambda name: _crc32(step_dir / name), mine))
     return {name: {"size": (step_dir / name).stat().st_size, "crc32": crc}

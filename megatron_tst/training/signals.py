@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped early; resubmit (requeue) to continue
+EXIT_HANG = 76  # no step finished within training.hang_timeout_minutes (training/watchdog.py)
 FINISHED, PREEMPTED, STOPPED, FAILED = "finished", "preempted", "stopped", "failed"
 TIME_LIMIT = "time_limit"  # the stop reason when training.time_limit_minutes is reached
 
@@ -85,16 +87,29 @@ class ExitSignalHandler:
 
 def write_exit_status(run_dir: str | Path, *, status: str, step: int, train_steps: int,
                       checkpoint: Optional[str], signal_name: Optional[str],
-                      reason: Optional[str] = None, skipped_steps: int = 0) -> Path:
-    """Atomically write ``exit_status.json`` (written by global rank 0 only). ``reason``:
-    ``signal`` or ``time_limit`` (preempted), ``nonfinite`` (failed), else null;
-    ``skipped_steps``: updates withheld by ``training.nonfinite=skip``."""
+                      reason: Optional[str] = None, skipped_steps: int = 0,
+                      final: bool = False) -> Path:
+    """Atomically write ``exit_status.json`` (by global rank 0; a hang by every rank whose
+    watchdog fires). ``reason``: ``signal`` or ``time_limit`` (preempted), ``nonfinite``,
+    ``disk_full`` or ``hang`` (failed), else null; ``skipped_steps``: updates withheld by
+    ``training.nonfinite=skip``. ``final``: this process writes no other status to this run
+    directory afterwards (the hang watchdog's, racing the training loop's last write)."""
     path = Path(run_dir) / "exit_status.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"status": status, "step": step, "train_steps": train_steps,
-                               "checkpoint": checkpoint, "signal": signal_name,
-                               "reason": reason, "skipped_steps": skipped_steps},
-                              indent=2) + "\n")
-    os.replace(tmp, path)
+    with _STATUS_LOCK:
+        if path.resolve() in _FINAL:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # unique per process on a shared file system: several ranks may write a hang at once
+        tmp = path.parent / f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}"
+        tmp.write_text(json.dumps({"status": status, "step": step, "train_steps": train_steps,
+                                   "checkpoint": checkpoint, "signal": signal_name,
+                                   "reason": reason, "skipped_steps": skipped_steps},
+                                  indent=2) + "\n")
+        os.replace(tmp, path)
+        if final:
+            _FINAL.add(path.resolve())
     return path
+
+
+_STATUS_LOCK = threading.Lock()
+_FINAL: set[Path] = set()  # exit_status.json files this process wrote with final=True

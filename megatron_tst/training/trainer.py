@@ -45,6 +45,7 @@ from megatron_tst.training.signals import FAILED, FINISHED, STOPPED
 from megatron_tst.training.step import (PipelineRunner, make_forward_step,
                                         make_superposition_forward_step, reduce_loss)
 from megatron_tst.training.switch import apply_switch
+from megatron_tst.training.watchdog import HangWatchdog
 from megatron_tst.tst.schedule import RECOVERY, SUPERPOSITION, Phase
 
 log = logging.getLogger("megatron_tst")
@@ -110,8 +111,9 @@ class Trainer:
 
         self.state = ckpt.TrainState(data_chunk=self.stream.data_chunk,
                                      vocab_size=self.plan.vocab_size, tokenizer_vocab=vocab)
-        self.last_checkpoint: Optional[Path] = None
-        self.saved_at: Optional[int] = None
+        self.last_checkpoint: Optional[Path] = None  # the last complete one
+        self.saved_at: Optional[int] = None  # the step of the last save, complete or pending
+        self.background = ckpt.BackgroundSaves() if cfg.checkpoint.async_save else None
         if saved is not None:
             self._load(saved, accepted)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_logging_rank,
@@ -121,6 +123,12 @@ class Trainer:
                                  self.env.is_logging_rank)
         self.status = StatusFile(cfg, self.env.rank)
         self._announce(saved, accepted)
+        self.watchdog = HangWatchdog(  # training/watchdog.py: beat() wherever progress is made
+            cfg.training.hang_timeout_minutes, cfg.resolved_run_dir, self.env.rank,
+            cfg.training.train_steps,
+            lambda: (self.state.step, self.last_checkpoint and str(self.last_checkpoint),
+                     self.state.skipped_steps),
+            backend=self.env.backend, process_group_minutes=cfg.parallel.timeout_minutes)
 
     def _load(self, saved, accepted: list) -> None:
         """Load the checkpoint the resume checks accepted (``training/resume.py``)."""
@@ -217,34 +225,68 @@ class Trainer:
         loss_dicts = []
         for _ in range(steps):
             loss_dicts += self.runner(forward_step, batches, forward_only=True)
+            self.watchdog.beat()
             failpoints.signal_if("eval:signal", self.state.step)
             if self.stop.check():
                 return None, True
         loss = reduce_loss(loss_dicts)
         return (None if loss is None else loss.item()), False
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Save the state after this step; with ``checkpoint.async_save`` in the background
+        (``wait``: until complete, for an exit). A pending background save is completed first."""
         tic = time.time()
+        self.watchdog.beat()
+        self._finish_saves(wait=True)
         try:
             with self.stop.signals.blocked(), self.perf.timers.time("save"):
-                self.last_checkpoint = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer,
-                                                            self.state,
-                                                            protect=self.nonfinite.protected)
+                path = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer, self.state,
+                                            protect=self.nonfinite.protected,
+                                            background=self.background)
         except ckpt.SaveError as err:
-            log.error("step %d: %s", self.state.step, err)
-            self.metrics.event(self.state.step, f"save failed: {err.reason}")
-            self.metrics.close()
-            self.status.write(FAILED, self.state.step, self.last_checkpoint and
-                              str(self.last_checkpoint), None, err.reason,
-                              self.state.skipped_steps)
-            raise
-        self.stop.last_save_s = time.time() - tic
+            self._save_failed(err)
+        self.watchdog.beat()
         self.saved_at = self.state.step
-        self.metrics.event(self.state.step, f"saved checkpoint {self.last_checkpoint}")
+        if self.background is None:
+            self.stop.last_save_s = time.time() - tic
+            self._saved(path)
+        elif wait:
+            self._finish_saves(wait=True)
+
+    def _finish_saves(self, wait: bool = False) -> None:
+        """Complete a pending background save if every rank's writer is done (``wait``: block
+        until it is): a collective, called at the same steps on every rank."""
+        if self.background is None or self.background.pending is None:
+            return
+        self.watchdog.beat()
+        try:
+            path = self.background.poll(wait=wait)
+        except ckpt.SaveError as err:
+            self._save_failed(err)
+        self.watchdog.beat()
+        if path is not None:
+            self.stop.last_save_s = self.background.duration_s
+            self._saved(path)
+
+    def _saved(self, path: Path) -> None:
+        self.last_checkpoint = path
+        self.metrics.event(self.state.step, f"saved checkpoint {path}")
+
+    def _save_failed(self, err: "ckpt.SaveError") -> None:
+        log.error("step %d: %s", self.state.step, err)
+        self.metrics.event(self.state.step, f"save failed: {err.reason}")
+        self.metrics.close()
+        self.status.write(FAILED, self.state.step, self.last_checkpoint and
+                          str(self.last_checkpoint), None, err.reason, self.state.skipped_steps)
+        raise err
 
     def _save_if_needed(self) -> None:
+        """Before an early exit: the state after this step saved, and complete."""
         if self.saved_at != self.state.step:
-            self.save()
+            self.save(wait=True)
+        elif self.background is not None and self.background.pending is not None:
+            log.info("waiting for the background save of %s", self.background.pending.name)
+            self._finish_saves(wait=True)
 
     # ------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
@@ -261,6 +303,7 @@ class Trainer:
                 phase, batches = self._enter_phase(phase, stop_at)
             tic = time.time()
             m = self.train_step(phase, batches)
+            self.watchdog.beat()
             elapsed = time.time() - tic
             self.stop.longest_step_s = max(self.stop.longest_step_s, elapsed)
             if not m.get("nonfinite"):
@@ -278,6 +321,7 @@ class Trainer:
             if (interval and st.step % interval == 0) or (
                     st.step == stop_at and (self.cfg.checkpoint.save_final or stop_at < t.train_steps)):
                 self.save()
+            self._finish_saves()
             if received := self.stop.check():
                 outcome = self._stop_early(received)
                 break
@@ -286,6 +330,7 @@ class Trainer:
             self.metrics.event(st.step, f"profiler trace (cut short) written to {trace}")
         if t.eval_interval and evaluated_at != st.step and not outcome:
             valid_loss = self._log_eval()
+        self._finish_saves(wait=True)  # the final save, written during the final evaluation
         self.metrics.close()
         status, reason, signal_name = outcome or (
             FINISHED if st.step >= t.train_steps else STOPPED, None, None)
@@ -293,6 +338,7 @@ class Trainer:
                              str(self.last_checkpoint) if self.last_checkpoint else None,
                              st.consumed_tokens, time.time() - start, status, signal_name, reason,
                              st.skipped_steps)
+        self.watchdog.close()
         self.status.write(status, st.step, result.checkpoint, signal_name, reason,
                           st.skipped_steps)
         if self.lock is not None:
@@ -358,4 +404,8 @@ class Trainer:
 
 
 def train(cfg: RunConfig, plan: Optional[RunPlan] = None) -> TrainResult:
-    return Trainer(cfg, plan).fit()
+    trainer = Trainer(cfg, plan)
+    try:
+        return trainer.fit()
+    finally:  # an exception ends the loop too: the watchdog must not fire after it
+        trainer.watchdog.close()

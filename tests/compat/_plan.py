@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 # One process, all patches: everything a single-rank training job touches.
-ALL_PROBES = ["idempotent", "train_step", "rng_tracker", "moe_train_step", "dist_checkpoint"]
+ALL_PROBES = ["idempotent", "train_step", "rng_tracker", "moe_train_step", "dist_checkpoint",
+              "async_dist_checkpoint"]
 
 # Two gloo ranks, all patches, megatron imported before the layer is applied.
 TWO_RANK_PROBES = [
@@ -33,7 +34,7 @@ NEEDED = {
         1, ["train_step"], r"must be one of torch\.cuda\.FloatTensor",
         r"distrib_optimizer\.py:_build_model_and_main_param_groups"),
     "cuda_streams_events": (
-        1, ["moe_train_step", "dist_checkpoint"], rf"CUDA|{NO_CUDA}",
+        1, ["moe_train_step", "dist_checkpoint", "async_dist_checkpoint"], rf"CUDA|{NO_CUDA}",
         r"token_dispatcher\.py:__init__|filesystem_async\.py:preload_tensors"
         r"|param_and_grad_buffer\.py:start_grad_sync"),  # 0.19: DDP grad sync
     "cuda_current_device": (

@@ -254,6 +254,38 @@ def probe_dist_checkpoint():
     return sorted(os.listdir(path))[:3]
 
 
+def probe_async_dist_checkpoint():
+    """dist_checkpointing's asynchronous save (megatron's AsyncCallsQueue, a forked writer) of a
+    GPT model: the weights change after the save is scheduled; the checkpoint holds them as they
+    were at the save."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    _init_parallel()
+    cfg, gpt = _gpt()
+    weight = gpt.embedding.word_embeddings.weight
+    path = os.environ["COMPAT_CKPT_DIR"] + "-async"
+    os.makedirs(path, exist_ok=True)
+    kwargs = {"async_sharded_save": True}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        kwargs["async_strategy"] = "mcore"  # 0.19: megatron's own machinery, not NVRx
+    request = dist_checkpointing.save(gpt.sharded_state_dict(), path,
+                                      get_default_save_sharded_strategy(), **kwargs)
+    queue = AsyncCallsQueue(persistent=False)
+    queue.schedule_async_request(request)
+    expected = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)  # training goes on while the writer writes
+    assert queue.maybe_finalize_async_calls(blocking=True) == [0]
+    with torch.no_grad():
+        gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(), path))
+    assert torch.equal(weight, expected)
+    return sorted(os.listdir(path))[:3]
+
+
 PROBES = {k[len("probe_"):]: v for k, v in dict(globals()).items() if k.startswith("probe_")}
 
 
