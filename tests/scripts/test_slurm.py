@@ -287,6 +287,89 @@ def test_signal_after_a_periodic_checkpoint(cluster, reference):
     _assert_same_losses(run_dir, reference)
 
 
+def _worker_pids(run_dir: Path) -> dict[int, int]:
+    """{global rank: pid} of the training workers of ``run_dir`` on this machine."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"megatron_tst.cli" in cmd and f"run_dir={run_dir}".encode() in cmd \
+                and b"torch.distributed.run" not in cmd:
+            rank = [int(kv[5:]) for kv in env if kv.startswith(b"RANK=")]
+            if rank and (rank[0] not in found or int(proc.name) < found[rank[0]]):
+                found[rank[0]] = int(proc.name)  # the worker, not a helper it forked later
+    return found
+
+
+def test_crash_is_requeued_and_finishes(cluster, reference):
+    """kill -9 one worker after a periodic checkpoint, no in-job restart: train.sbatch sees
+    exit_status.json still `running`, requeues the job (crash requeue 1 of 3) and the second
+    start resumes from the checkpoint and ends with the uninterrupted run's losses."""
+    import signal
+
+    run_dir = cluster.work / "crash"
+    t0 = time.time()
+    job_id = cluster.sbatch("--job-name=crash", "--export=ALL,MEGATRON_TST_MAX_RESTARTS=0",
+                            str(SLURM_DIR / "train.sbatch"), RECIPE, *OVERRIDES,
+                            "checkpoint.save_interval=10", f"run_dir={run_dir}")
+    _wait_for_step(cluster, job_id, run_dir, 15)  # after the save at step 10, in phase 1 (1-36)
+    workers = _worker_pids(run_dir)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGKILL)
+    job = cluster.wait_done(job_id, timeout=600)
+    log = cluster.job_log(job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", cluster.diagnose(job_id)
+    assert re.search(r"exit status: running at step 0 of 120", log), log
+    latest = re.search(r"crash requeue 1 of 3, requeueing job \d+ to resume from the latest "
+                       r"checkpoint \(step (\d+)\)", log)
+    assert latest and 10 <= int(latest.group(1)) < SUPERPOSITION_STEPS, log
+    assert _resumed_step(run_dir) == int(latest.group(1))
+    assert json.loads((run_dir / "requeue_state.json").read_text()) == {
+        "job": job_id, "crash_requeues": 1, "checkpoint_step": int(latest.group(1))}
+    assert json.loads((run_dir / "exit_status.json").read_text())["status"] == "finished"
+    # The steps between the checkpoint and the kill ran twice: the last record of each counts.
+    train = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+    assert sorted(train) == list(range(1, STEPS + 1))
+    worst = max(abs(train[s] - reference["train"][s]) / abs(reference["train"][s]) for s in train)
+    assert train == pytest.approx(reference["train"], rel=1e-6, abs=0), \
+        f"training losses differ from the uninterrupted run (max relative {worst:.3g})"
+    valid = read_metrics(run_dir, "valid")[-1]
+    assert valid["step"] == STEPS and valid["loss"] == pytest.approx(reference["valid"], rel=1e-6)
+    print(f"crash test: max relative loss difference to the uninterrupted run {worst:.3g}; "
+          f"final validation loss {valid['loss']!r} (uninterrupted {reference['valid']!r})")
+    print(f"crash test: killed rank 1 after step 15, requeued, resumed from step "
+          f"{latest.group(1)}; job wall time {time.time() - t0:.0f} s")
+
+
+def test_crash_without_progress_stops_with_a_clear_status(cluster):
+    """A crash at the same step every time (SIGKILL in the save of step 20, after the one of step
+    10): requeued once, the second crash finds `latest` still at step 10 and the job ends."""
+    run_dir = cluster.work / "crash-loop"
+    t0 = time.time()
+    job_id = cluster.sbatch("--job-name=crash-loop",
+                            "--export=ALL,MEGATRON_TST_FAILPOINT=save:before_write@20",
+                            str(SLURM_DIR / "train.sbatch"), RECIPE, *OVERRIDES,
+                            "checkpoint.save_interval=10", f"run_dir={run_dir}")
+    job = cluster.wait_done(job_id, timeout=600)
+    log = cluster.job_log(job_id)
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "1", cluster.diagnose(job_id)
+    assert "crash requeue 1 of 3, requeueing job" in log and "(step 10)" in log, log
+    assert "giving up: training crashed in its loop (started at step 10; exit_status.json " \
+           "still says running) again without progress: the latest checkpoint is still step " \
+           "10, as at the previous crash (crash requeue 1 of 3): not requeueing" in log, log
+    status = json.loads((run_dir / "exit_status.json").read_text())
+    assert status["status"] == "running" and status["step"] == 10, status
+    assert json.loads((run_dir / "requeue_state.json").read_text()) == {
+        "job": job_id, "crash_requeues": 1, "checkpoint_step": 10}
+    print(f"crash-loop test: requeued once, gave up at the second crash; job ExitCode "
+          f"{job['ExitCode']}, wall time {time.time() - t0:.0f} s")
+
+
 def test_preprocess_array_then_merge_as_documented(cluster, tmp_path):
     """docs/data.md's Slurm command, exactly as written: 16 array tasks split the DCLM-style
     sources, a merge job writes the manifest; the result is byte-identical to one machine's."""
