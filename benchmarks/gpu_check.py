@@ -275,28 +275,6 @@ def triton_time(a, c: Check) -> None:
 
 
 # ------------------------------------------------------------------------ (a), (c), (d)
-def prepare_data(work: Path, a) -> tuple[str, str]:
-    """The demo corpus as JSON Lines, preprocessed by ``megatron-tst preprocess`` with a
-    sentencepiece tokenizer trained on it: (dataset prefix, tokenizer path)."""
-    from megatron_tst.data.corpus import demo_documents
-
-    docs = demo_documents()
-    if a.quick:  # a fifth of the corpus (~200k tokens) is plenty for the quick runs
-        docs = docs[::5]
-    src, prefix = work / "demo.jsonl", work / "data" / "demo"
-    with open(src, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc.text}) + "\n")
-    cmd = [sys.executable, "-m", "megatron_tst.cli", "preprocess", "--input", str(src),
-           "--output-prefix", str(prefix), "--train-tokenizer", "--vocab-size", "4096"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=TRAIN_ENV, cwd=REPO,
-                          timeout=a.train_timeout)
-    if proc.returncode:
-        raise RuntimeError("megatron-tst preprocess failed: "
-                           + (proc.stderr.strip().splitlines() or ["(no output)"])[-1])
-    return str(prefix), str(prefix) + ".tokenizer.model"
-
-
 def schedule(a) -> tuple[int, int]:
     """(train_steps, superposition steps) of the check runs."""
     return (24, 16) if a.quick else (40, 30)
@@ -410,7 +388,8 @@ def check_trainings(a, gpu: bool, groups: set[str], checks: dict[str, Check],
     """(a), (c), (d). On CPU the GPU-only checks are SKIPped already (main)."""
     tic = time.time()
     try:
-        prefix, tokenizer = prepare_data(work, a)
+        prefix, tokenizer = phase_throughput.prepare_demo_data(
+            work, every=5 if a.quick else 1, env=TRAIN_ENV, timeout=a.train_timeout)
     except (RuntimeError, ImportError, subprocess.TimeoutExpired) as err:
         for c in checks.values():
             if c.group in groups - {"mce"} and c.reason != NO_GPU:

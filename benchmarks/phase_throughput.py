@@ -53,6 +53,27 @@ def run(recipe: str, run_dir: Path, overrides: list[str], env: dict | None = Non
         return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
+def prepare_demo_data(work: Path, every: int = 1, env: dict | None = None,
+                      timeout: float | None = None) -> tuple[str, str]:
+    """The demo corpus (every ``every``-th document) as JSON Lines, preprocessed by
+    ``megatron-tst preprocess`` with a sentencepiece tokenizer of 4,096 pieces trained on it:
+    (dataset prefix, tokenizer path) under ``work``."""
+    from megatron_tst.data.corpus import demo_documents
+
+    src, prefix = work / "demo.jsonl", work / "data" / "demo"
+    with open(src, "w", encoding="utf-8") as f:
+        for doc in demo_documents()[::every]:
+            f.write(json.dumps({"text": doc.text}) + "\n")
+    cmd = [sys.executable, "-m", "megatron_tst.cli", "preprocess", "--input", str(src),
+           "--output-prefix", str(prefix), "--train-tokenizer", "--vocab-size", "4096"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env=os.environ if env is None else env)
+    if proc.returncode:
+        raise RuntimeError("megatron-tst preprocess failed: "
+                           + (proc.stderr.strip().splitlines() or ["(no output)"])[-1])
+    return str(prefix), str(prefix) + ".tokenizer.model"
+
+
 def median(records: list[dict], key: str, skip: int = 0) -> float:
     """The median of ``key`` over ``records`` after the first ``skip`` (warm-up) steps."""
     return statistics.median(r[key] for r in records[skip:])

@@ -110,6 +110,7 @@ CASES = {
 DEFAULT = ("save:writing", "save:after_write")  # the others: python -m pytest -m slow
 
 
+@pytest.mark.newest_line
 @pytest.mark.parametrize("point", [
     pytest.param(p, marks=[] if p in DEFAULT else [pytest.mark.slow]) for p in CASES])
 def test_killed_background_save_leaves_latest_complete(tiny_recipe, tmp_path, point):
@@ -130,6 +131,7 @@ def test_killed_background_save_leaves_latest_complete(tiny_recipe, tmp_path, po
     assert all(ckpt.is_complete(p) for _, p in ckpt.step_dirs(root))
 
 
+@pytest.mark.newest_line
 def test_exit_signal_waits_for_the_pending_save(tiny_recipe, tmp_path):
     """SIGTERM right after the save of step 3 starts, its writer held back: the process waits
     for that save, exits 75 with it complete, and the resume continues bitwise."""
@@ -149,6 +151,7 @@ def test_exit_signal_waits_for_the_pending_save(tiny_recipe, tmp_path):
     assert losses(run) == losses(full)
 
 
+@pytest.mark.newest_line
 def test_failed_background_write_never_becomes_latest(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     res = run_cli(["train", str(tiny_recipe), f"run_dir={run}", *TST, *ASYNC,

@@ -195,6 +195,7 @@ def test_process_group_timeout_comes_from_the_recipe(tmp_path):
         assert 2.5 <= seconds < 60, (name, seconds)  # ~3 s; torch's default would be 1800 s
 
 
+@pytest.mark.newest_line
 def test_sigstopped_rank_ends_the_run_with_stacks_status_and_76(tiny_recipe, tmp_path):
     """Rank 1 stopped after step 3: rank 0 waits in a collective until its watchdog fires."""
     run_dir = tmp_path / "run"
