@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,22 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | Non
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def wait_for_step(run_dir: Path, step: int, procs: list, timeout: float = 300) -> None:
+    """Until ``run_dir``'s metrics show ``step`` (a hang guard: ``timeout`` seconds), while every
+    process of ``procs`` (Popen) still runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"a process exited early ({p.returncode})"
+        try:
+            if any(r["step"] >= step for r in read_metrics(run_dir)):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {run_dir} after {timeout} s")
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:

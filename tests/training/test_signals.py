@@ -8,33 +8,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
 from megatron_tst.config import ConfigError, load_config
 from megatron_tst.training.signals import EXIT_PREEMPTED, signal_number
-from tests.conftest import REPO, _free_port, read_metrics, run_cli
+from tests.conftest import REPO, _free_port, read_metrics, run_cli, wait_for_step
 
 
 def test_signal_names_and_config_validation(tiny_recipe):
     assert signal_number("SIGUSR1") == signal_number("usr1") == signal.SIGUSR1
     with pytest.raises(ConfigError, match="training.exit_signals.*unknown signal 'SIGFOO'"):
         load_config(str(tiny_recipe), ["training.exit_signals=[SIGTERM,SIGFOO]"])
-
-
-def _wait_for_step(run_dir, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        try:
-            if any(r["step"] >= step for r in read_metrics(run_dir)):
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"no step {step} in {run_dir} after {timeout} s")
 
 
 @pytest.mark.newest_line
@@ -52,7 +38,7 @@ def test_signal_to_one_rank_saves_stops_all_and_resumes_exactly(tiny_recipe, tmp
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_step(run_dir, 3, proc)  # after the periodic checkpoint of step 2
+        wait_for_step(run_dir, 3, [proc])  # after the periodic checkpoint of step 2
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2
         # One rank only (the ranks must agree), to its whole process group as torchrun and
@@ -87,7 +73,7 @@ def test_single_process_sigterm_exits_75(tiny_recipe, tmp_path):
         cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_step(run_dir, 2, proc)
+        wait_for_step(run_dir, 2, [proc])
         assert json.loads((run_dir / "exit_status.json").read_text())["status"] == "running"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -22,7 +21,7 @@ from megatron_tst.config import ConfigError, load_config
 from megatron_tst.training.distributed import flight_recorder_env
 from megatron_tst.training.signals import EXIT_HANG, write_exit_status
 from megatron_tst.training.watchdog import HangWatchdog
-from tests.conftest import REPO, _free_port, read_metrics
+from tests.conftest import REPO, _free_port, read_metrics, wait_for_step
 
 HANG_MINUTES = 0.25  # 15 s: far above a tiny step, an evaluation batch or a save, even loaded
 RUN = ["training.train_steps=400", "training.eval_interval=3", "training.eval_steps=1",
@@ -133,20 +132,6 @@ def _kill_all(procs) -> None:
         p.wait()
 
 
-def _wait_for_step(run_dir: Path, step: int, procs, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"a worker exited early ({p.returncode})"
-        try:
-            if any(r["step"] >= step for r in read_metrics(run_dir)):
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"no step {step} in {run_dir} after {timeout} s")
-
-
 def test_process_group_timeout_comes_from_the_recipe(tmp_path):
     """parallel.timeout_minutes=0.05 (3 s): a collective that one rank never joins fails on the
     other after about 3 s, on the world group and on megatron's groups (torch's default: 30
@@ -207,7 +192,7 @@ def test_sigstopped_rank_ends_the_run_with_stacks_status_and_76(tiny_recipe, tmp
                               stderr=subprocess.STDOUT, start_new_session=True)
              for r in (0, 1)]
     try:
-        _wait_for_step(run_dir, 3, procs)  # after a save (step 2) and an evaluation (step 3)
+        wait_for_step(run_dir, 3, procs)  # after a save (step 2) and an evaluation (step 3)
         os.kill(procs[1].pid, signal.SIGSTOP)
         stopped = time.monotonic()
         procs[0].wait(timeout=HANG_MINUTES * 60 * 10)  # a hang guard only
@@ -247,7 +232,7 @@ def test_torchrun_job_with_a_stopped_rank_0_ends_with_rank_1s_report(tiny_recipe
                                 start_new_session=True)
         workers = []
         try:
-            _wait_for_step(run_dir, 3, [proc])
+            wait_for_step(run_dir, 3, [proc])
             workers = psutil.Process(proc.pid).children()
             rank0 = next(p for p in workers if p.environ().get("RANK") == "0")
             rank0.suspend()  # SIGSTOP
