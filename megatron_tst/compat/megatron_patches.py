@@ -63,3 +63,54 @@ def patch_moe_split_sizes() -> None:
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def patch_async_cpu_snapshot() -> None:
+    """``FileSystemWriterAsync.prepare_write_data`` hands an asynchronous writer CPU tensors that
+    are not views as they are (its own TODO: "for persistent worker, this work should be changed
+    to move the cpu tensor to shared_memory"), and ``preload_tensors``' ``Tensor.to("cpu")``
+    returns them too: on the CPU the writer is given the live weights and optimizer state, and
+    a writer that runs while training goes on writes the values of a later step. Each CPU tensor
+    of the write buckets becomes a copy in shared memory (one ``memcpy``: the CPU's D2H copy),
+    which megatron's persistent writer process receives without another copy."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync)
+
+    original = FileSystemWriterAsync.prepare_write_data
+
+    def prepare_write_data(self, plan, planner):
+        original(self, plan, planner)
+        self.write_buckets = [
+            (path, key, (data, [(item, _shared_copy(t)) for item, t in tensors]))
+            for path, key, (data, tensors) in self.write_buckets]
+
+    FileSystemWriterAsync.prepare_write_data = prepare_write_data
+
+
+def _shared_copy(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        return tensor
+    storage = torch.UntypedStorage._new_shared(tensor.numel() * tensor.element_size())
+    return torch.empty(0, dtype=tensor.dtype).set_(storage, 0, tensor.shape).copy_(tensor)
+
+
+def patch_async_worker() -> None:
+    """``PersistentAsyncCaller.async_loop`` runs in a spawned process, where this layer is not
+    applied: it calls ``torch.cuda.set_device(rank % torch.cuda.device_count())``
+    (``ZeroDivisionError`` without a GPU) and ``preload_tensors`` synchronizes CUDA. The worker
+    process now applies the layer first (``cpu_async_loop``)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    PersistentAsyncCaller.async_loop = staticmethod(cpu_async_loop)
+
+
+def cpu_async_loop(*args, **kwargs):
+    """megatron's persistent checkpoint worker loop, in its spawned process, under this layer."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    from megatron_tst.compat import apply_cpu_compat
+
+    loop = PersistentAsyncCaller.async_loop  # this process's own, unpatched
+    apply_cpu_compat(exclude={"async_worker"})
+    torch.cuda.device_count = lambda: 1  # set_device(rank % device_count()): a no-op here
+    return loop(*args, **kwargs)
