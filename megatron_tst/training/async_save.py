@@ -15,14 +15,11 @@ the training processes never read the checkpoint back. A write that failed on an
 by megatron on every rank, or by a digest file) raises ``SaveError`` on every rank; the partial
 directory is removed and never becomes ``latest``.
 
-The writer must see the state as it was when the save was scheduled. On a GPU megatron copies
-the tensors to host memory and forks a writer (``TemporalAsyncCaller``). On the CPU that copy
-would be a no-op (``Tensor.to("cpu")`` returns the tensor itself) and a forked writer shares the
-pages of the live weights: the kernel then copies every page the next step rewrites, one fault
-per page, which cost more than the save (``benchmarks/checkpoint_stall.py``). So on the CPU the
-compatibility layer copies the state into shared memory at the save (``async_cpu_snapshot``)
-and megatron's persistent writer process (``PersistentAsyncCaller``, started with the run)
-writes it: training shares no pages with it.
+Why fork, on the CPU too: the writer must see the state as it was when the save was scheduled.
+On a GPU the tensors are copied to host memory before the fork; on the CPU that copy is a no-op
+(``Tensor.to("cpu")`` returns the tensor itself) and the fork's copy-on-write memory is the
+snapshot. megatron's persistent worker (a spawned process fed through a queue) would share the
+live CPU tensors instead, so it is not used.
 """
 
 from __future__ import annotations
@@ -38,10 +35,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 import torch.distributed as dist
 
-from megatron_tst import mcore
 from megatron_tst.training import failpoints
 from megatron_tst.training.saved import digest_files
 
@@ -121,13 +116,7 @@ class BackgroundSaves:
     def __init__(self):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-        # GPU: a writer forked per save (megatron's default), the state copied to host memory
-        # first. CPU: megatron's persistent writer process, started now, fed a copy of the state
-        # in shared memory (compat ``async_cpu_snapshot``): a forked writer would share the
-        # pages of the weights, and the kernel would copy each one that training rewrites.
-        self.queue = AsyncCallsQueue(persistent=not torch.cuda.is_available())
-        if self.queue.persistent:
-            _start_persistent_worker(self.queue)
+        self.queue = AsyncCallsQueue(persistent=False)
         self.pending: Optional[Path] = None
         self.scheduled_at = 0.0  # time.time() of the pending save's start
         self.duration_s = 0.0  # start to completion of the last completed save
@@ -174,33 +163,6 @@ class BackgroundSaves:
 
     def wait(self) -> Optional[Path]:
         return self.poll(wait=True)
-
-    def close(self, abort: bool = False) -> None:
-        """Stop the persistent writer process (``abort``: kill it, after a failure; otherwise
-        call with no save pending)."""
-        self.queue.close(abort=abort)
-        # 0.16.1 keeps the closed caller, whose __del__ asks torch.distributed for the rank: let it
-        # go now, while the process group exists
-        if getattr(self.queue, "persistent_caller", None) is not None:
-            self.queue.persistent_caller = None
-
-
-def _start_persistent_worker(queue) -> None:
-    """Start megatron's persistent writer process now, with the run, rather than at the first
-    save, whose stall would then include the process's start-up (imports: seconds); as
-    ``PersistentAsyncCaller.schedule_async_call`` starts it (``mcore.py``)."""
-    import torch.multiprocessing as mp
-    from megatron.core.dist_checkpointing.strategies import async_utils
-
-    caller, rank = queue._get_async_caller(), dist.get_rank()
-    if mcore.at_least(mcore.SHARED_CHECKPOINT_WORKER):
-        caller.process = type(caller)._get_process(rank)
-        return
-    caller.process = mp.get_context("spawn").Process(
-        target=async_utils.PersistentAsyncCaller.async_loop,
-        args=(rank, caller.queue, caller.preload_q, caller.comp_q,
-              logging.getLogger(async_utils.__name__).getEffectiveLevel()))
-    caller.process.start()
 
 
 def remove_partial(path: Path) -> None:

@@ -331,8 +331,6 @@ class Trainer:
         if t.eval_interval and evaluated_at != st.step and not outcome:
             valid_loss = self._log_eval()
         self._finish_saves(wait=True)  # the final save, written during the final evaluation
-        if self.background is not None:
-            self.background.close()
         self.metrics.close()
         status, reason, signal_name = outcome or (
             FINISHED if st.step >= t.train_steps else STOPPED, None, None)
@@ -411,5 +409,3 @@ def train(cfg: RunConfig, plan: Optional[RunPlan] = None) -> TrainResult:
         return trainer.fit()
     finally:  # an exception ends the loop too: the watchdog must not fire after it
         trainer.watchdog.close()
-        if trainer.background is not None:  # a no-op after fit() closed it
-            trainer.background.close(abort=True)
