@@ -68,9 +68,7 @@ def _write_and_digest(write: Callable, path: str, rank: int, step: int, *args, *
     write(*args, **kwargs)
     out = Path(path) / digest_file_name(rank)
     try:
-        if failpoints.active("save:disk_full", step):  # a write that fills the disk
-            (Path(path) / f"__{rank}_0.distcp").write_bytes(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{path}/__{rank}_0.distcp")
+        failpoints.fill_disk_if(step, Path(path), rank)  # a write that fills the disk
         names = sorted(p.name for p in Path(path).glob(f"__{rank}_*.distcp"))
         report = {"files": digest_files(Path(path), names=names)}
     except Exception as err:  # reported at finalization, on every rank

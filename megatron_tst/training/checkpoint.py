@@ -9,8 +9,9 @@ complete one (and says which incomplete directories it skipped). Retention count
 checkpoints only, never removes the one ``latest`` names, and removes incomplete leftovers of
 crashed saves. With ``checkpoint.async_save`` the files are written in the background
 (``training/async_save.py``) and the same record, ``latest`` and retention follow once every
-rank's writer is done. ``MEGATRON_TST_FAILPOINT=<point>[@step]`` kills the process with SIGKILL at a named
-point of a save (``FAILPOINTS``, ``training/failpoints.py``): the crash-safety tests use it.
+rank's writer is done. ``MEGATRON_TST_FAILPOINT=<point>[@step]`` kills the process with
+SIGKILL at a named point of a save (``FAILPOINTS``, ``training/failpoints.py``): the
+crash-safety tests use it.
 """
 
 from __future__ import annotations
@@ -202,9 +203,7 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
         failpoints.signal_if("save:signal", step)  # SIGTERM now; the writers are held 2 s
         return path
     try:
-        if failpoints.active("save:disk_full", step):  # a write that fills the disk
-            (path / f"__{rank}_0.distcp").write_bytes(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / f"__{rank}_0.distcp"))
+        failpoints.fill_disk_if(step, path, rank)  # a write that fills the disk
         dist_checkpointing.save(state, str(path))
     except Exception as err:
         if not _out_of_space(err, root):

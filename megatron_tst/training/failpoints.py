@@ -11,9 +11,11 @@ during the first validation batch after that step). Unset, every call is one env
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -44,3 +46,11 @@ def signal_if(point: str, step: int, signum: int = signal.SIGTERM) -> None:
         log.warning("failpoint %s at step %d: sending %s", point, step,
                     signal.Signals(signum).name)
         os.kill(os.getpid(), signum)
+
+
+def fill_disk_if(step: int, step_dir: Path, rank: int) -> None:
+    """``save:disk_full``: write part of this rank's first file, then fail with ENOSPC."""
+    if active("save:disk_full", step):
+        part = Path(step_dir) / f"__{rank}_0.distcp"
+        part.write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(part))
