@@ -13,6 +13,11 @@ What differs, and where the project handles it:
   (no ``common.pt``). 0.19 still reads the older layout, so a checkpoint of 0.16.1 resumes on 0.19;
   releases before 0.19 cannot read the new one, so ``unreadable_checkpoint`` refuses that resume
   with one line naming both versions (``training/checkpoint.py``).
+- megatron's persistent checkpoint writer (``PersistentAsyncCaller``) is started per caller
+  before 0.19 and once per process from 0.19 (``_get_process``, with two more loop arguments);
+  ``training/async_save.py`` starts it with the run either way (``SHARED_CHECKPOINT_WORKER``),
+  and the process of megatron's write-results queue too (``filesystem_async._results_queue``,
+  the same module global in both lines).
 - The legacy tokenizer base class ``megatron.core.datasets.megatron_tokenizer`` is gone in 0.19;
   the project's tokenizers derive from ``megatron.core.tokenizers.MegatronTokenizerBase``, which
   both lines ship unchanged (no adapter needed).
@@ -60,6 +65,7 @@ def matches(specifier: str) -> bool:
 
 
 COMMON_STATE_IN_SHARDS = Version("0.19")  # dist_checkpointing: no common.pt from this release
+SHARED_CHECKPOINT_WORKER = "0.19"  # PersistentAsyncCaller._get_process: one worker per process
 
 
 def unreadable_checkpoint(written_by: str | None) -> str | None:

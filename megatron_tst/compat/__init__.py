@@ -75,6 +75,16 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
           "transformer.moe.moe_utils.router_gating_linear (TopKRouter forward)",
           "NameError: te_general_gemm without transformer-engine; None picks the torch path",
           megatron_patches.patch_moe_te_general_gemm, versions="<0.19"),
+    Patch("async_cpu_snapshot",
+          "dist_checkpointing.strategies.filesystem_async.FileSystemWriterAsync."
+          "prepare_write_data (asynchronous saves)",
+          "CPU tensors reach the async writer uncopied: it would write the live, later state",
+          megatron_patches.patch_async_cpu_snapshot),
+    Patch("async_worker",
+          "dist_checkpointing.strategies.async_utils.PersistentAsyncCaller.async_loop (the "
+          "persistent checkpoint writer process)",
+          "the spawned writer has no layer: set_device(rank % device_count()) divides by zero",
+          megatron_patches.patch_async_worker),
     Patch("moe_split_sizes",
           "transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher (maybe_move_tensor_to_cpu)",
           "split sizes become numpy only for CUDA tensors; all_to_all_single needs numbers",

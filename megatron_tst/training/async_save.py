@@ -1,8 +1,9 @@
 """Checkpoint saves in the background: megatron-core's own ``dist_checkpointing`` async save.
 
 ``checkpoint.async_save: true``. A save builds the sharded state dict and plans the write as a
-synchronous save does, then megatron's ``AsyncCallsQueue`` forks a writer process per rank
-(``TemporalAsyncCaller``; GPU tensors are first copied to host memory) and training goes on. After
+synchronous save does, then megatron's ``AsyncCallsQueue`` hands it to a writer process per rank
+(on a GPU one forked per save, ``TemporalAsyncCaller``, after a copy to host memory; on the CPU
+see below) and training goes on. After
 every step the ranks ask whether all writers are done (``BackgroundSaves.poll``, one all-reduce,
 only while a save is pending); once they are, the finalization runs on every rank at the same
 step: megatron's metadata, then the completion record, ``latest`` and retention exactly as after
@@ -15,11 +16,15 @@ the training processes never read the checkpoint back. A write that failed on an
 by megatron on every rank, or by a digest file) raises ``SaveError`` on every rank; the partial
 directory is removed and never becomes ``latest``.
 
-Why fork, on the CPU too: the writer must see the state as it was when the save was scheduled.
-On a GPU the tensors are copied to host memory before the fork; on the CPU that copy is a no-op
-(``Tensor.to("cpu")`` returns the tensor itself) and the fork's copy-on-write memory is the
-snapshot. megatron's persistent worker (a spawned process fed through a queue) would share the
-live CPU tensors instead, so it is not used.
+The writer must see the state as it was when the save was scheduled. On a GPU megatron copies
+the tensors to host memory and forks a writer (``TemporalAsyncCaller``). On the CPU that copy
+would be a no-op (``Tensor.to("cpu")`` returns the tensor itself) and a forked writer shares the
+pages of the live weights: the kernel then copies every page the next step rewrites, one fault
+per page, which cost more than the save (``benchmarks/checkpoint_stall.py``). So on the CPU the
+compatibility layer copies the state into shared memory at the save (``async_cpu_snapshot``;
+``SharedStaging``: allocated at the first save, reused by every later one) and megatron's
+persistent writer process (``PersistentAsyncCaller``, started with the run, one writer, at a
+lower CPU priority) writes it: training shares no pages with it.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
 
+from megatron_tst import mcore
 from megatron_tst.training import failpoints
 from megatron_tst.training.saved import digest_files
 
@@ -47,17 +54,22 @@ def digest_file_name(rank: int) -> str:
     return f".digests-rank{rank}.json"
 
 
-def request(state: dict, path: Path):
+def request(state: dict, path: Path, staging=None):
     """The ``AsyncRequest`` of a save of ``state`` to ``path`` (megatron-core's own async
-    machinery: ``async_strategy='mcore'`` where the installed version also offers NVRx)."""
+    machinery: ``async_strategy='mcore'`` where the installed version also offers NVRx); CPU
+    tensors copied into ``staging`` (``BackgroundSaves.staging``) when given."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     kwargs = {"async_sharded_save": True}
     if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
         kwargs["async_strategy"] = "mcore"
-    return dist_checkpointing.save(state, str(path), get_default_save_sharded_strategy(),
-                                   **kwargs)
+    strategy = get_default_save_sharded_strategy()
+    if staging is None:
+        return dist_checkpointing.save(state, str(path), strategy, **kwargs)
+    strategy.thread_count = 1  # one writer process: the CPU's other cores are training's
+    with staging.active():
+        return dist_checkpointing.save(state, str(path), strategy, **kwargs)
 
 
 def _write_and_digest(write: Callable, path: str, rank: int, step: int, *args, **kwargs) -> None:
@@ -114,7 +126,17 @@ class BackgroundSaves:
     def __init__(self):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-        self.queue = AsyncCallsQueue(persistent=False)
+        # GPU: a writer forked per save (megatron's default), the state copied to host memory
+        # first. CPU: megatron's persistent writer process, started now, fed a copy of the state
+        # in shared memory (compat ``async_cpu_snapshot``): a forked writer would share the
+        # pages of the weights, and the kernel would copy each one that training rewrites.
+        self.queue = AsyncCallsQueue(persistent=not torch.cuda.is_available())
+        self.staging = None  # the CPU's reused shared-memory copy of the state
+        if self.queue.persistent:
+            from megatron_tst.compat.megatron_patches import SharedStaging
+
+            self.staging = SharedStaging()
+            _start_persistent_worker(self.queue)
         self.pending: Optional[Path] = None
         self.scheduled_at = 0.0  # time.time() of the pending save's start
         self.duration_s = 0.0  # start to completion of the last completed save
@@ -161,6 +183,56 @@ class BackgroundSaves:
 
     def wait(self) -> Optional[Path]:
         return self.poll(wait=True)
+
+    def close(self, abort: bool = False) -> None:
+        """Stop the persistent writer process (``abort``: kill it, after a failure; otherwise
+        call with no save pending)."""
+        caller = getattr(self.queue, "persistent_caller", None)
+        self.queue.close(abort=abort)
+        if caller is not None:
+            # 0.16.1: the closed caller's __del__ closes it again, asking torch.distributed for
+            # the rank, which fails once the process group is gone (a traceback can hold the
+            # caller until the interpreter exits): that second close does nothing now
+            caller.close = lambda abort=False: None
+            self.queue.persistent_caller = None
+
+
+def _start_persistent_worker(queue) -> None:
+    """Start megatron's persistent writer process now, with the run, rather than at the first
+    save, whose stall would then include the process's start-up (imports: seconds); as
+    ``PersistentAsyncCaller.schedule_async_call`` starts it (``mcore.py``)."""
+    import torch.multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import async_utils
+
+    caller, rank = queue._get_async_caller(), dist.get_rank()
+    if mcore.at_least(mcore.SHARED_CHECKPOINT_WORKER):
+        caller.process = type(caller)._get_process(rank)
+        return
+    caller.process = mp.get_context("spawn").Process(
+        target=async_utils.PersistentAsyncCaller.async_loop,
+        args=(rank, caller.queue, caller.preload_q, caller.comp_q,
+              logging.getLogger(async_utils.__name__).getEffectiveLevel()))
+    caller.process.start()
+
+
+def start_results_queue() -> None:
+    """Start the process that carries megatron's write results back (synchronous and
+    background saves) with the run, deaf to the stop signals (``signals.ignore_stop_signals``).
+    megatron spawns it (a ``multiprocessing`` manager) at the first save otherwise: a second of
+    that save's stall, and a SIGTERM sent to every process of the job (Slurm) would kill it and
+    break the save the signal asks for. megatron keeps it in
+    ``filesystem_async._results_queue`` (``mcore.py``)."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_tst.training.signals import ignore_stop_signals
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=ignore_stop_signals)
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager
 
 
 def remove_partial(path: Path) -> None:

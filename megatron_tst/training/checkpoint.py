@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -196,11 +197,12 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
               "consumed_tokens": train_state.consumed_tokens}
     if background is not None:
         background.schedule(
-            async_save.request(state, path), path, step,
+            async_save.request(state, path, background.staging), path, step,
             complete=lambda: _complete_background(cfg, path, record, protect),
             on_failure=lambda err: _background_failure(cfg, path, err))
         kill_if("save:writing", step)  # the writer processes are still writing
-        failpoints.signal_if("save:signal", step)  # SIGTERM now; the writers are held 2 s
+        # SIGTERM now, to the writer processes too; the writers are held 2 s
+        failpoints.signal_if("save:signal", step, children=True)
         return path
     try:
         failpoints.fill_disk_if(step, path, rank)  # a write that fills the disk
@@ -351,16 +353,56 @@ def _set_aside(path: Path) -> None:
 
 def _prune(root: Path, keep_last: int, keep: Path, protect: Optional[Path] = None) -> None:
     """Keep the newest ``keep_last`` complete checkpoints, ``keep`` (the one ``latest`` names)
-    and ``protect``; remove older complete ones and incomplete leftovers of crashed saves."""
+    and ``protect``; remove older complete ones and incomplete leftovers of crashed saves.
+
+    Each is first renamed to ``<name>.deleting`` (one atomic step: it is never half a
+    checkpoint under its own name), then deleted by a background thread, so training does not
+    wait for the file system to free it (seconds for gigabytes; a 10B-A1B checkpoint is 145 GB).
+    A ``.deleting`` directory left by a killed process is deleted at the next save's pruning."""
     dirs = step_dirs(root)
     complete = [p for _, p in dirs if is_complete(p)]
     doomed = [p for _, p in dirs if not is_complete(p) and p != keep]
     if keep_last > 0:
         doomed += [p for p in complete[:-keep_last] if p not in (keep, protect)]
+    condemned = sorted(root.glob(f"step_*{DELETING}"))  # left by a killed process
     for i, old in enumerate(doomed):
-        shutil.rmtree(old, ignore_errors=True)
+        tomb = old.with_name(old.name + DELETING)
+        try:
+            os.replace(old, tomb)
+            condemned.append(tomb)
+        except OSError:  # e.g. a leftover of the same name: delete in place
+            shutil.rmtree(old, ignore_errors=True)
         if i == 0:
             kill_if("prune:after_first_delete", int(STEP_DIR.match(keep.name).group(1)))
+    if condemned:
+        _REMOVALS.start(condemned)
+
+
+DELETING = ".deleting"
+
+
+class _Removals:
+    """One background thread deleting pruned checkpoints (as torchtitan's purge thread); the
+    next prune and the end of the run (``wait_for_removals``) wait for it."""
+
+    def __init__(self):
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self, paths: list[Path]) -> None:
+        self.wait()
+        self.thread = threading.Thread(
+            target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths],
+            name="checkpoint-removal", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
+_REMOVALS = _Removals()
+wait_for_removals = _REMOVALS.wait
 
 
 # --------------------------------------------------------------------------------- loading

@@ -40,11 +40,21 @@ def kill_if(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def signal_if(point: str, step: int, signum: int = signal.SIGTERM) -> None:
-    """Send this process ``signum`` at ``point`` if it is the active failpoint."""
+def signal_if(point: str, step: int, signum: int = signal.SIGTERM,
+              children: bool = False) -> None:
+    """Send ``signum`` at ``point`` if it is the active failpoint to this process, and with
+    ``children`` first to every process it started (checkpoint writers and their helpers), as
+    Slurm signals every process of a job step."""
     if active(point, step):
+        import psutil
+
         log.warning("failpoint %s at step %d: sending %s", point, step,
                     signal.Signals(signum).name)
+        for child in psutil.Process().children(recursive=True) if children else ():
+            try:
+                child.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
         os.kill(os.getpid(), signum)
 
 

@@ -27,6 +27,7 @@ from megatron_tst.data.datasets import iterate_microbatches
 from megatron_tst.models.gpt import build_model_chunks, count_parameters
 from megatron_tst.models.sizing import flops_per_step
 from megatron_tst.plan import RunPlan
+from megatron_tst.training import async_save
 from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training import console
 from megatron_tst.training import failpoints
@@ -113,6 +114,7 @@ class Trainer:
                                      vocab_size=self.plan.vocab_size, tokenizer_vocab=vocab)
         self.last_checkpoint: Optional[Path] = None  # the last complete one
         self.saved_at: Optional[int] = None  # the step of the last save, complete or pending
+        async_save.start_results_queue()
         self.background = ckpt.BackgroundSaves() if cfg.checkpoint.async_save else None
         if saved is not None:
             self._load(saved, accepted)
@@ -331,6 +333,9 @@ class Trainer:
         if t.eval_interval and evaluated_at != st.step and not outcome:
             valid_loss = self._log_eval()
         self._finish_saves(wait=True)  # the final save, written during the final evaluation
+        if self.background is not None:
+            self.background.close()
+        ckpt.wait_for_removals()  # pruned checkpoints still being deleted
         self.metrics.close()
         status, reason, signal_name = outcome or (
             FINISHED if st.step >= t.train_steps else STOPPED, None, None)
@@ -409,3 +414,6 @@ def train(cfg: RunConfig, plan: Optional[RunPlan] = None) -> TrainResult:
         return trainer.fit()
     finally:  # an exception ends the loop too: the watchdog must not fire after it
         trainer.watchdog.close()
+        if trainer.background is not None:  # a no-op after fit() closed it
+            trainer.background.close(abort=True)
+        ckpt.wait_for_removals()

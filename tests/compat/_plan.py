@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # One process, all patches: everything a single-rank training job touches.
 ALL_PROBES = ["idempotent", "train_step", "rng_tracker", "moe_train_step", "dist_checkpoint",
-              "async_dist_checkpoint"]
+              "async_dist_checkpoint", "persistent_async_dist_checkpoint"]
 
 # Two gloo ranks, all patches, megatron imported before the layer is applied.
 TWO_RANK_PROBES = [
@@ -44,6 +44,12 @@ NEEDED = {
         "tensor_parallel/random.py:model_parallel_cuda_manual_seed"),
     "moe_te_general_gemm": (
         1, ["moe_train_step"], r"NameError: name 'te_general_gemm' is not defined", "moe_utils.py"),
+    "async_cpu_snapshot": (
+        1, ["persistent_async_dist_checkpoint"], r"the checkpoint holds the weights of after",
+        r"_workloads\.py:_async_save"),
+    "async_worker": (
+        1, ["persistent_async_dist_checkpoint"], r"writer process exited with 1",
+        r"_workloads\.py:probe_persistent_async_dist_checkpoint"),
     "moe_split_sizes": (
         2, ["moe_train_step"], r"all_to_all_single\(\): incompatible function arguments",
         "token_dispatcher.py:token_dispatch"),

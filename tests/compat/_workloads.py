@@ -12,11 +12,13 @@ not run on any rank. Probes never raise out, so one failure does not hide anothe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
 import sys
 import tempfile
+import time
 import traceback
 
 import torch
@@ -254,36 +256,80 @@ def probe_dist_checkpoint():
     return sorted(os.listdir(path))[:3]
 
 
-def probe_async_dist_checkpoint():
-    """dist_checkpointing's asynchronous save (megatron's AsyncCallsQueue, a forked writer) of a
-    GPT model: the weights change after the save is scheduled; the checkpoint holds them as they
-    were at the save."""
+def _async_save(persistent: bool):
+    """dist_checkpointing's asynchronous save of a GPT model through megatron's AsyncCallsQueue
+    (a forked writer, or the persistent writer process): the weights change after the save is
+    scheduled; the checkpoint holds them as they were at the save. The persistent writer saves
+    twice through one ``SharedStaging`` (the project's use): the second save reuses the buffer
+    of the first."""
+    import contextlib
     import inspect
 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+    from megatron_tst.compat.megatron_patches import SharedStaging
+
     _init_parallel()
     cfg, gpt = _gpt()
     weight = gpt.embedding.word_embeddings.weight
-    path = os.environ["COMPAT_CKPT_DIR"] + "-async"
-    os.makedirs(path, exist_ok=True)
     kwargs = {"async_sharded_save": True}
     if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
         kwargs["async_strategy"] = "mcore"  # 0.19: megatron's own machinery, not NVRx
-    request = dist_checkpointing.save(gpt.sharded_state_dict(), path,
-                                      get_default_save_sharded_strategy(), **kwargs)
-    queue = AsyncCallsQueue(persistent=False)
-    queue.schedule_async_request(request)
-    expected = weight.detach().clone()
-    with torch.no_grad():
-        weight.add_(1.0)  # training goes on while the writer writes
-    assert queue.maybe_finalize_async_calls(blocking=True) == [0]
-    with torch.no_grad():
-        gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(), path))
-    assert torch.equal(weight, expected)
+    queue = AsyncCallsQueue(persistent=persistent)
+    staging = SharedStaging() if persistent else None
+    for call in range(2 if persistent else 1):
+        path = os.environ["COMPAT_CKPT_DIR"] + f"-async-{int(persistent)}-{call}"
+        os.makedirs(path, exist_ok=True)
+        with staging.active() if staging else contextlib.nullcontext():
+            request = dist_checkpointing.save(gpt.sharded_state_dict(), path,
+                                              get_default_save_sharded_strategy(), **kwargs)
+        if persistent:  # the writer starts 2 s late: training has changed the weights by then
+            request = request._replace(async_fn=functools.partial(_late, request.async_fn))
+        queue.schedule_async_request(request)
+        expected = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(1.0)  # training goes on while the writer writes
+        assert queue.maybe_finalize_async_calls(blocking=True) == [call]
+        with torch.no_grad():
+            gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(), path))
+        assert torch.equal(weight, expected), (
+            f"save {call + 1}: the checkpoint holds the weights of after the save")
+        with torch.no_grad():
+            weight.mul_(0.5)  # the next save's weights differ from this one's
+    queue.close()
     return sorted(os.listdir(path))[:3]
+
+
+def _late(write, *args, **kwargs):
+    time.sleep(2)
+    return write(*args, **kwargs)
+
+
+def probe_async_dist_checkpoint():
+    return _async_save(persistent=False)
+
+
+def probe_persistent_async_dist_checkpoint():
+    """The same through megatron's persistent writer process. Its loop is first run alone in a
+    spawned process and told to stop: a loop that dies at start would leave the save waiting
+    forever."""
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    ctx = mp.get_context("spawn")
+    queues = (ctx.JoinableQueue(), ctx.JoinableQueue(), ctx.Queue())
+    loop = ctx.Process(target=PersistentAsyncCaller.async_loop, args=(0, *queues))
+    loop.start()
+    queues[0].put("DONE")
+    loop.join(timeout=300)
+    if loop.exitcode != 0:
+        loop.kill()
+        raise RuntimeError(f"the persistent checkpoint writer process exited with "
+                           f"{loop.exitcode}: it cannot start here")
+    return _async_save(persistent=True)
 
 
 PROBES = {k[len("probe_"):]: v for k, v in dict(globals()).items() if k.startswith("probe_")}

@@ -133,8 +133,10 @@ def test_killed_background_save_leaves_latest_complete(tiny_recipe, tmp_path, po
 
 @pytest.mark.newest_line
 def test_exit_signal_waits_for_the_pending_save(tiny_recipe, tmp_path):
-    """SIGTERM right after the save of step 3 starts, its writer held back: the process waits
-    for that save, exits 75 with it complete, and the resume continues bitwise."""
+    """SIGTERM right after the save of step 3 starts, to the trainer and every process it
+    started (as Slurm signals a job step), its writer held back: the writer processes survive,
+    the trainer waits for that save, exits 75 with it complete, and the resume continues
+    bitwise."""
     run, full = tmp_path / "run", tmp_path / "full"
     extra = [*TST, *ASYNC, "checkpoint.save_interval=3"]
     res = run_cli(["train", str(tiny_recipe), f"run_dir={run}", *extra], check=False,

@@ -78,6 +78,24 @@ def test_retention_counts_complete_checkpoints_only(tmp_path):
     assert [p.name for _, p in ckpt.step_dirs(tmp_path)] == ["step_0000004"]
 
 
+def test_pruned_checkpoints_are_renamed_then_deleted_in_the_background(tmp_path):
+    """A pruned checkpoint leaves its name in one rename (``.deleting``: never half a checkpoint
+    under its own name) and is deleted by a thread; a ``.deleting`` leftover of a killed process
+    goes at the next pruning."""
+    leftover = tmp_path / f"step_0000001{ckpt.DELETING}"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "x.distcp").write_bytes(b"0" * 1000)
+    for step in (2, 4):
+        d = tmp_path / ckpt.step_dir_name(step)
+        d.mkdir()
+        (d / ckpt.RECORD).write_text('{"format_version": 1}')
+        (d / "__0_0.distcp").write_bytes(b"0" * 1000)
+    ckpt._prune(tmp_path, keep_last=1, keep=tmp_path / "step_0000004")
+    assert [p.name for _, p in ckpt.step_dirs(tmp_path)] == ["step_0000004"]
+    ckpt.wait_for_removals()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004"]
+
+
 def test_retention_keeps_the_checkpoint_before_skipped_steps(tmp_path):
     """keep_last=1 while non-finite steps are being skipped: the last checkpoint taken before
     the first skip (``protect``) stays, whatever was saved since."""
