@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import logging
 
 import torch
@@ -165,7 +166,20 @@ def cpu_async_loop(*args, **kwargs):
     apply_cpu_compat(exclude={"async_worker"})
     torch.cuda.device_count = lambda: 1  # set_device(rank % device_count()): a no-op here
     os.nice(WRITER_NICENESS)  # its forked writers inherit it
-    from megatron_tst.training.signals import ignore_stop_signals
-
     ignore_stop_signals()  # and this, so a signal to the whole job leaves the pending save
     return loop(*args, **kwargs)
+
+
+# What schedulers and launchers send to stop a job (Slurm signals every process of a job step).
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def ignore_stop_signals() -> None:
+    """In a process megatron's checkpoint writer spawns (the persistent writer; the process
+    that carries write results back, on GPUs too): ignore ``STOP_SIGNALS``. Spawned, it keeps
+    neither the trainer's handlers nor its block of the exit signals, so a signal to every
+    process of the job would kill it and break the save the trainer finishes before it exits.
+    These processes end as megatron ends them (a message, or SIGKILL after a failure)."""
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+

@@ -217,7 +217,8 @@ def _start_persistent_worker(queue) -> None:
 
 def start_results_queue() -> None:
     """Start the process that carries megatron's write results back (synchronous and
-    background saves) with the run, deaf to the stop signals (``signals.ignore_stop_signals``).
+    background saves) with the run, deaf to the stop signals
+    (``compat.megatron_patches.ignore_stop_signals``).
     megatron spawns it (a ``multiprocessing`` manager) at the first save otherwise: a second of
     that save's stall, and a SIGTERM sent to every process of the job (Slurm) would kill it and
     break the save the signal asks for. megatron keeps it in
@@ -227,7 +228,7 @@ def start_results_queue() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_tst.training.signals import ignore_stop_signals
+    from megatron_tst.compat.megatron_patches import ignore_stop_signals
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))

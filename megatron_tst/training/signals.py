@@ -68,7 +68,8 @@ class ExitSignalHandler:
         Around checkpoint saves: the save is not interrupted, and the signal is acted on once
         it is written. Its writer processes survive a signal sent to every process of the job
         (torchrun, Slurm): a forked writer runs this process's handler, which only records the
-        signal; megatron's spawned helpers ignore the stop signals (``ignore_stop_signals``).
+        signal; megatron's spawned helpers ignore the stop signals
+        (``compat.megatron_patches.ignore_stop_signals``).
         """
         if not self.numbers or threading.current_thread() is not threading.main_thread():
             yield
@@ -113,17 +114,3 @@ def write_exit_status(run_dir: str | Path, *, status: str, step: int, train_step
 
 _STATUS_LOCK = threading.Lock()
 _FINAL: set[Path] = set()  # exit_status.json files this process wrote with final=True
-
-
-# What schedulers and launchers send to stop a job (Slurm signals every process of a job step).
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
-
-
-def ignore_stop_signals() -> None:
-    """In a checkpoint writer's helper process (spawned: it inherits neither the trainer's
-    handlers nor its block of the exit signals): ignore ``STOP_SIGNALS``, so a signal to every
-    process of the job cannot break the save the trainer finishes before it exits. They end as
-    megatron ends them (a message, or SIGKILL after a failure)."""
-    for name in STOP_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
