@@ -46,7 +46,7 @@ NEEDED = {
         1, ["moe_train_step"], r"NameError: name 'te_general_gemm' is not defined", "moe_utils.py"),
     "async_cpu_snapshot": (
         1, ["persistent_async_dist_checkpoint"], r"the checkpoint holds the weights of after",
-        r"_workloads\.py:_async_save"),
+        r"_workloads\.py:_save_twice"),
     "async_worker": (
         1, ["persistent_async_dist_checkpoint"], r"writer process exited with 1",
         r"_workloads\.py:probe_persistent_async_dist_checkpoint"),

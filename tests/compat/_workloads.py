@@ -262,22 +262,33 @@ def _async_save(persistent: bool):
     scheduled; the checkpoint holds them as they were at the save. The persistent writer saves
     twice through one ``SharedStaging`` (the project's use): the second save reuses the buffer
     of the first."""
-    import contextlib
     import inspect
 
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-    from megatron_tst.compat.megatron_patches import SharedStaging
 
     _init_parallel()
     cfg, gpt = _gpt()
-    weight = gpt.embedding.word_embeddings.weight
     kwargs = {"async_sharded_save": True}
     if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
         kwargs["async_strategy"] = "mcore"  # 0.19: megatron's own machinery, not NVRx
     queue = AsyncCallsQueue(persistent=persistent)
+    try:
+        return _save_twice(queue, gpt, persistent, kwargs)
+    except BaseException:
+        queue.close(abort=True)  # else the persistent writer (deaf to SIGTERM) outlives the probe
+        raise
+
+
+def _save_twice(queue, gpt, persistent: bool, kwargs: dict):
+    import contextlib
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    from megatron_tst.compat.megatron_patches import SharedStaging
+
+    weight = gpt.embedding.word_embeddings.weight
     staging = SharedStaging() if persistent else None
     for call in range(2 if persistent else 1):
         path = os.environ["COMPAT_CKPT_DIR"] + f"-async-{int(persistent)}-{call}"
