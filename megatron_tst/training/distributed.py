@@ -47,7 +47,10 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
     if not torch.cuda.is_available():
         from megatron_tst.compat import apply_cpu_compat
 
+        from .cpu_allocator import keep_freed_memory
+
         apply_cpu_compat()
+        keep_freed_memory()
 
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
