@@ -10,6 +10,8 @@ import contextlib
 import os
 import signal
 import logging
+import threading
+import time
 
 import torch
 
@@ -75,9 +77,10 @@ def patch_async_cpu_snapshot() -> None:
     ``Tensor.to("cpu")`` returns them too: on the CPU the writer is given the live weights and
     optimizer state, and a writer that runs while training goes on writes the values of a later
     step. Inside ``SharedStaging.active()`` (a background save), each CPU tensor the planner
-    resolves is copied into that staging's shared memory (one ``memcpy``: the CPU's D2H copy;
-    megatron then has no view to clone), which megatron's persistent writer process receives
-    without another copy. A synchronous save (no staging active) is megatron's own."""
+    resolves becomes a buffer of that staging's shared memory, filled with the tensor's values
+    (one ``memcpy``: the CPU's D2H copy; megatron then has no view to clone) when the context
+    ends or, deferred, by ``SharedStaging.fill``; megatron's persistent writer process receives
+    the buffers without another copy. A synchronous save (no staging active) is megatron's own."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import (
         FileSystemWriterAsync)
 
@@ -104,23 +107,77 @@ class SharedStaging:
     several times the copy itself; torchtitan's pinned-memory staging is reused the same way.
     One buffer per tensor, not views of one: ``torch.save`` writes a view's whole storage.
     Reuse is safe because one background save is in flight at a time (``BackgroundSaves``): the
-    writer has finished with the buffers before the next save writes into them."""
+    writer has finished with the buffers before the next save writes into them.
+
+    ``active()`` fills the buffers when it ends. ``active(defer=True)`` leaves that to
+    ``fill(background=True)``, which copies in a thread while the caller goes on (training's next
+    forward and backward, which read the saved tensors but do not change them); ``join()`` waits
+    for it and must come before anything changes a saved tensor, and before the buffers are
+    handed to the writer."""
 
     current: "SharedStaging | None" = None  # the staging of the save being planned, if any
 
     def __init__(self):
         self.buffers: list[torch.UntypedStorage] = []
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer view, live tensor)
+        self._thread: "threading.Thread | None" = None
+        self._error: "BaseException | None" = None
 
     @contextlib.contextmanager
-    def active(self):
-        SharedStaging.current = self
+    def active(self, defer: bool = False):
+        if self.filling:
+            raise RuntimeError("the previous save's copy is still being made: join() first")
+        SharedStaging.current, self._copies = self, []
         try:
             yield
+        except BaseException:
+            self._copies = []
+            raise
         finally:
             SharedStaging.current = None
+        if not defer:
+            self.fill()
+
+    @property
+    def filling(self) -> bool:
+        """A deferred copy is being made (``fill(background=True)`` not yet joined)."""
+        return self._thread is not None
+
+    def fill(self, background: bool = False, hold_s: float = 0.0) -> None:
+        """Copy the live tensors of the last ``active(defer=True)`` into their buffers: now, or
+        in a thread (``background``; ``hold_s``: after that many seconds, for tests)."""
+        copies, self._copies = self._copies, []
+
+        def run():
+            try:
+                time.sleep(hold_s)
+                for buffer, tensor in copies:
+                    buffer.copy_(tensor)  # torch releases the GIL: training's thread goes on
+            except BaseException as err:  # raised again by join()
+                self._error = err
+
+        if not background:
+            run()
+            self._raise()
+            return
+        self._thread = threading.Thread(target=run, name="checkpoint-snapshot", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for ``fill(background=True)``; raises what the copy raised."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def resolver(self, resolve):
-        """``planner.resolve_data`` whose CPU tensors come back as their staged copies."""
+        """``planner.resolve_data`` whose CPU tensors come back as their staged copies (filled
+        when ``active`` ends, or by ``fill``)."""
         index = 0
 
         def staged(item):
@@ -135,7 +192,8 @@ class SharedStaging:
                 self.buffers[index] = torch.UntypedStorage._new_shared(nbytes)
             copy = torch.empty(0, dtype=data.dtype).set_(self.buffers[index], 0, data.shape)
             index += 1
-            return copy.copy_(data)
+            self._copies.append((copy, data))
+            return copy
 
         return staged
 
@@ -172,6 +230,28 @@ def cpu_async_loop(*args, **kwargs):
 
 # What schedulers and launchers send to stop a job (Slurm signals every process of a job step).
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+@contextlib.contextmanager
+def stop_signals_ignored_by_new_processes():
+    """Processes started inside ignore ``STOP_SIGNALS`` from their first instruction: an
+    ignored disposition survives ``fork`` and ``exec`` (a handler does not), and
+    ``ignore_stop_signals`` in the child comes only after its imports (seconds), during which a
+    signal to every process of the job would kill it. This process's own handlers are set back
+    after; the signals are blocked meanwhile, so one that arrives then is delivered to them, not
+    lost. Only the main thread can change handlers: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = {getattr(signal, name) for name in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def ignore_stop_signals() -> None:

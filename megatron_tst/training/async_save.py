@@ -24,7 +24,12 @@ per page, which cost more than the save (``benchmarks/checkpoint_stall.py``). So
 compatibility layer copies the state into shared memory at the save (``async_cpu_snapshot``;
 ``SharedStaging``: allocated at the first save, reused by every later one) and megatron's
 persistent writer process (``PersistentAsyncCaller``, started with the run, one writer, at a
-lower CPU priority) writes it: training shares no pages with it.
+lower CPU priority) writes it: training shares no pages with it. The copy itself is made by a
+thread while the next step's forward and backward run (they read the saved tensors and change
+none of them), and is joined before megatron's ``finalize_model_grads`` (``release``), which
+comes before the optimizer step and anything else that changes them; only then is the save
+handed to the writer. With ``parallel.overlap_param_gather`` the next forward writes gathered
+parameters, so the copy is made at the save.
 """
 
 from __future__ import annotations
@@ -54,10 +59,12 @@ def digest_file_name(rank: int) -> str:
     return f".digests-rank{rank}.json"
 
 
-def request(state: dict, path: Path, staging=None):
+def request(state: dict, path: Path, staging=None, defer: bool = False, hold_s: float = 0.0):
     """The ``AsyncRequest`` of a save of ``state`` to ``path`` (megatron-core's own async
     machinery: ``async_strategy='mcore'`` where the installed version also offers NVRx); CPU
-    tensors copied into ``staging`` (``BackgroundSaves.staging``) when given."""
+    tensors copied into ``staging`` (``BackgroundSaves.staging``) when given: before this
+    returns, or with ``defer`` by a thread that ``BackgroundSaves.release`` joins (``hold_s``:
+    the thread starts copying that late, for tests)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -68,8 +75,10 @@ def request(state: dict, path: Path, staging=None):
     if staging is None:
         return dist_checkpointing.save(state, str(path), strategy, **kwargs)
     strategy.thread_count = 1  # one writer process: the CPU's other cores are training's
-    with staging.active():
-        return dist_checkpointing.save(state, str(path), strategy, **kwargs)
+    with staging.active(defer=True):
+        req = dist_checkpointing.save(state, str(path), strategy, **kwargs)
+    staging.fill(background=defer, hold_s=hold_s)
+    return req
 
 
 def _write_and_digest(write: Callable, path: str, rank: int, step: int, *args, **kwargs) -> None:
@@ -123,7 +132,7 @@ class BackgroundSaves:
     """At most one save in flight. ``schedule``, ``poll`` and ``wait`` are called at the same
     steps on every rank (``poll`` and ``wait`` are collectives while a save is pending)."""
 
-    def __init__(self):
+    def __init__(self, overlap_snapshot: bool = True):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         # GPU: a writer forked per save (megatron's default), the state copied to host memory
@@ -137,6 +146,10 @@ class BackgroundSaves:
 
             self.staging = SharedStaging()
             _start_persistent_worker(self.queue)
+        # CPU: the shared-memory copy is made by a thread during the next step's forward and
+        # backward, and joined (``release``) before anything changes the saved state
+        self.overlap = self.staging is not None and overlap_snapshot
+        self.unsent = None  # the pending save's request, while its copy is being made
         self.pending: Optional[Path] = None
         self.scheduled_at = 0.0  # time.time() of the pending save's start
         self.duration_s = 0.0  # start to completion of the last completed save
@@ -152,8 +165,35 @@ class BackgroundSaves:
         if writer is not None:  # None: this rank has nothing to write
             writer = functools.partial(_write_and_digest, writer, str(path), dist.get_rank(), step)
         finalize = functools.partial(self._finalize, list(req.finalize_fns), complete, on_failure)
-        self.queue.schedule_async_request(req._replace(async_fn=writer, finalize_fns=[finalize]))
+        req = req._replace(async_fn=writer, finalize_fns=[finalize])
         self.pending, self.scheduled_at = path, time.time()
+        if self.staging is not None and self.staging.filling:
+            self.unsent = req
+        else:
+            self.queue.schedule_async_request(req)
+
+    def release(self) -> None:
+        """The pending save's copy of the state complete, and the save handed to the writer: call
+        before anything changes a saved tensor (the trainer: before megatron's
+        ``finalize_model_grads``, which precedes the optimizer step and updates MoE expert
+        biases, and before the TST switch). A no-op when there is nothing to release."""
+        if self.unsent is None:
+            return
+        req, self.unsent = self.unsent, None
+        try:
+            self.staging.join()
+        except BaseException:
+            self.pending = None
+            raise
+        self.queue.schedule_async_request(req)
+
+    def released_before(self, fn: Callable) -> Callable:
+        """``fn`` that first calls ``release``."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            self.release()
+            return fn(*args, **kwargs)
+        return wrapper
 
     @staticmethod
     def _finalize(megatron_fns: list, complete: Callable[[], None],
@@ -168,8 +208,9 @@ class BackgroundSaves:
     def poll(self, wait: bool = False) -> Optional[Path]:
         """The save that completed now (its finalization ran), else None; ``wait``: block until
         the pending save is complete. Raises what ``on_failure`` made of a failed save."""
-        if self.pending is None:
-            return None
+        if self.pending is None or (self.unsent is not None and not wait):
+            return None  # (the same on every rank: the copy is released at the same step)
+        self.release()
         path = self.pending
         try:
             done = self.queue.maybe_finalize_async_calls(blocking=wait)
@@ -187,6 +228,13 @@ class BackgroundSaves:
     def close(self, abort: bool = False) -> None:
         """Stop the persistent writer process (``abort``: kill it, after a failure; otherwise
         call with no save pending)."""
+        if self.staging is not None and self.staging.filling:
+            try:
+                self.staging.join()  # its buffers may not be freed under the thread
+            except Exception:
+                if not abort:
+                    raise
+        self.unsent = None
         caller = getattr(self.queue, "persistent_caller", None)
         self.queue.close(abort=abort)
         if caller is not None:
@@ -204,21 +252,24 @@ def _start_persistent_worker(queue) -> None:
     import torch.multiprocessing as mp
     from megatron.core.dist_checkpointing.strategies import async_utils
 
+    from megatron_tst.compat.megatron_patches import stop_signals_ignored_by_new_processes
+
     caller, rank = queue._get_async_caller(), dist.get_rank()
-    if mcore.at_least(mcore.SHARED_CHECKPOINT_WORKER):
-        caller.process = type(caller)._get_process(rank)
-        return
-    caller.process = mp.get_context("spawn").Process(
-        target=async_utils.PersistentAsyncCaller.async_loop,
-        args=(rank, caller.queue, caller.preload_q, caller.comp_q,
-              logging.getLogger(async_utils.__name__).getEffectiveLevel()))
-    caller.process.start()
+    with stop_signals_ignored_by_new_processes():
+        if mcore.at_least(mcore.SHARED_CHECKPOINT_WORKER):
+            caller.process = type(caller)._get_process(rank)
+            return
+        caller.process = mp.get_context("spawn").Process(
+            target=async_utils.PersistentAsyncCaller.async_loop,
+            args=(rank, caller.queue, caller.preload_q, caller.comp_q,
+                  logging.getLogger(async_utils.__name__).getEffectiveLevel()))
+        caller.process.start()
 
 
 def start_results_queue() -> None:
     """Start the process that carries megatron's write results back (synchronous and
-    background saves) with the run, deaf to the stop signals
-    (``compat.megatron_patches.ignore_stop_signals``).
+    background saves) with the run, deaf to the stop signals from its start
+    (``compat.megatron_patches.stop_signals_ignored_by_new_processes``).
     megatron spawns it (a ``multiprocessing`` manager) at the first save otherwise: a second of
     that save's stall, and a SIGTERM sent to every process of the job (Slurm) would kill it and
     break the save the signal asks for. megatron keeps it in
@@ -228,11 +279,13 @@ def start_results_queue() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_tst.compat.megatron_patches import ignore_stop_signals
+    from megatron_tst.compat.megatron_patches import (ignore_stop_signals,
+                                                      stop_signals_ignored_by_new_processes)
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=ignore_stop_signals)
+        with stop_signals_ignored_by_new_processes():
+            manager.start(initializer=ignore_stop_signals)
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager
 
 

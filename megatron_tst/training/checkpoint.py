@@ -54,6 +54,8 @@ FAILPOINTS = ("save:before_write", "save:writing", "save:after_write", "save:bef
 # ``save:writing``: background saves only, the writers still writing; in a background save
 # ``save:after_write`` is the start of its finalization.
 # ``save:disk_full``: the write fails with ENOSPC after writing part of a file
+# ``save:slow_copy``: a CPU background save's copy of the state starts 2 s late (it is then made
+# when the trainer releases it, after the next step's forward and backward)
 # Distributed-optimizer state is saved dp-reshardable so a run can resume on another DP size.
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "dp_reshardable",
@@ -197,7 +199,9 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
               "consumed_tokens": train_state.consumed_tokens}
     if background is not None:
         background.schedule(
-            async_save.request(state, path, background.staging), path, step,
+            async_save.request(state, path, background.staging, defer=background.overlap,
+                               hold_s=2.0 if failpoints.active("save:slow_copy", step) else 0),
+            path, step,
             complete=lambda: _complete_background(cfg, path, record, protect),
             on_failure=lambda err: _background_failure(cfg, path, err))
         kill_if("save:writing", step)  # the writer processes are still writing

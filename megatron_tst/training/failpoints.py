@@ -3,7 +3,8 @@
 
 Points: the ``save:*`` and ``prune:*`` points of ``training/checkpoint.py`` (the process is
 killed with SIGKILL there; ``save:disk_full`` instead fails the write with ENOSPC, and
-``save:signal`` sends SIGTERM right after a background save starts, its writers held 2 s),
+``save:signal`` sends SIGTERM right after a background save starts, its writers held 2 s;
+``save:slow_copy`` starts the copy of a CPU background save's state 2 s late),
 ``grad:nan`` (rank 0 writes a NaN into its gradients after the data-parallel reduction of that step, which
 only the non-finite check can then notice) and ``eval:signal`` (the process sends itself SIGTERM
 during the first validation batch after that step). Unset, every call is one environment lookup.

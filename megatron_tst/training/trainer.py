@@ -115,7 +115,15 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None  # the last complete one
         self.saved_at: Optional[int] = None  # the step of the last save, complete or pending
         async_save.start_results_queue()
-        self.background = ckpt.BackgroundSaves() if cfg.checkpoint.async_save else None
+        self.background = None
+        if cfg.checkpoint.async_save:
+            # the next step's forward and backward run beside the CPU's copy of a saved state,
+            # except where the forward writes parameters (gathered from other DP ranks)
+            self.background = ckpt.BackgroundSaves(
+                overlap_snapshot=not cfg.parallel.overlap_param_gather)
+            config = self.model[0].config  # megatron calls it before the optimizer step
+            config.finalize_model_grads_func = self.background.released_before(
+                config.finalize_model_grads_func)
         if saved is not None:
             self._load(saved, accepted)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_logging_rank,
@@ -355,6 +363,8 @@ class Trainer:
         st, sched = self.state, self.schedule
         phase = sched.phase(st.step)
         if st.phase == SUPERPOSITION and phase.name == RECOVERY:
+            if self.background is not None:
+                self.background.release()  # the switch may change the saved state
             apply_switch(self.cfg, self.model, self.optimizer)
             self.metrics.event(st.step, f"phase switch: superposition (s={sched.bag_size})"
                                         f" -> recovery after step {st.step}")

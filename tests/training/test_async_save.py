@@ -78,8 +78,10 @@ def test_background_saves_equal_synchronous_ones_and_resume_bitwise(tiny_recipe,
                                                                     nproc, layout):
     sync, background = tmp_path / "sync", tmp_path / "async"
     run_cli(["train", str(tiny_recipe), f"run_dir={sync}", *TST, *layout], nproc=nproc)
+    # save:slow_copy: on the CPU the copy of the state is then made when the trainer releases
+    # it, after the next step's forward and backward, which must not have changed it
     run_cli(["train", str(tiny_recipe), f"run_dir={background}", *TST, *layout, *ASYNC],
-            nproc=nproc)
+            nproc=nproc, env={"MEGATRON_TST_FAILPOINT": "save:slow_copy"})
     expected = losses(sync)
     assert losses(background) == expected
     for step in range(1, 7):
@@ -169,3 +171,31 @@ def test_failed_background_write_never_becomes_latest(tiny_recipe, tmp_path):
     assert not (root / "step_0000004").exists()  # the partial save is removed
     assert (root / ckpt.LATEST).read_text().strip() == "step_0000002"
     assert ckpt.is_complete(root / "step_0000002")
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_background_saves_of_a_router_with_expert_bias_equal_synchronous_ones(tiny_recipe,
+                                                                            tmp_path):
+    """Aux-loss-free MoE routing updates the expert bias in ``finalize_model_grads``, inside the
+    next step's forward-backward call: the delayed copy of the state (``save:slow_copy``) is
+    released before it, so every checkpoint holds the bias of its own step."""
+    from tests.training.test_moe_router import ROUTER
+
+    sync, background = tmp_path / "sync", tmp_path / "async"
+    extra = [*ROUTER, "checkpoint.save_interval=1", "checkpoint.keep_last=0"]
+    run_cli(["train", str(tiny_recipe), f"run_dir={sync}", *extra])
+    run_cli(["train", str(tiny_recipe), f"run_dir={background}", *extra, *ASYNC],
+            env={"MEGATRON_TST_FAILPOINT": "save:slow_copy"})
+    assert losses(background) == losses(sync)
+    for step in range(1, 7):
+        name = ckpt.step_dir_name(step)
+        got = content(background / "checkpoints" / name, tmp_path / f"async{step}.pt")
+        want = content(sync / "checkpoints" / name, tmp_path / f"sync{step}.pt")
+        assert any("expert_bias" in d for d in _keys(want)), sorted(_keys(want))[:20]
+        assert differences(got, want) == [], step
+
+
+def _keys(tree, prefix="") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _keys(v, f"{prefix}.{key}")]
+    return [prefix]
