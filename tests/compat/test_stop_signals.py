@@ -1,0 +1,58 @@
+"""megatron's checkpoint helper processes ignore the stop signals from their first instruction
+(``megatron_patches.stop_signals_ignored_by_new_processes``): a SIGTERM to every process of the
+job while one is still importing would otherwise kill it, and the save waiting on it would hang."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+from megatron_tst.compat.megatron_patches import (STOP_SIGNALS,
+                                                  stop_signals_ignored_by_new_processes)
+
+
+def ignored_signals(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_a_process_started_inside_ignores_the_stop_signals_at_once():
+    ctx = mp.get_context("spawn")
+    with stop_signals_ignored_by_new_processes():
+        child = ctx.Process(target=time.sleep, args=(60,))
+        child.start()
+    outside = ctx.Process(target=time.sleep, args=(60,))
+    outside.start()
+    try:
+        wanted = {getattr(signal, name) for name in STOP_SIGNALS}
+        assert wanted <= ignored_signals(child.pid)  # before the child ran a line of Python
+        assert not wanted & ignored_signals(outside.pid)
+        os.kill(child.pid, signal.SIGTERM)
+        os.kill(outside.pid, signal.SIGTERM)
+        outside.join(timeout=600)
+        child.join(timeout=2)
+        assert outside.exitcode == -signal.SIGTERM and child.is_alive()
+    finally:
+        for p in (child, outside):
+            p.kill()
+            p.join(timeout=600)
+
+
+def test_this_process_keeps_its_handlers_and_a_signal_meanwhile_is_not_lost():
+    got = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: got.append(signum))
+    try:
+        with stop_signals_ignored_by_new_processes():
+            assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGUSR2)  # blocked meanwhile: pending, not discarded
+            assert got == []
+        deadline = time.time() + 60
+        while not got and time.time() < deadline:
+            time.sleep(0.01)
+        assert got == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is not signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
