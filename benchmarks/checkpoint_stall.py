@@ -1,6 +1,6 @@
 """Time the training loop loses per checkpoint save: synchronous vs background saves.
 
-    python benchmarks/checkpoint_stall.py                   # CPU: ~1.5 GB checkpoints, ~5 min
+    python benchmarks/checkpoint_stall.py                   # CPU: 1.83 GiB checkpoints, ~16 min
     python benchmarks/checkpoint_stall.py --hidden 1024 --steps 16 --save-every 4   # smaller
     python benchmarks/checkpoint_stall.py --hidden 2048 --layers 8 --seq-length 2048 --steps 12 \
         training.micro_batch_size=8 training.global_batch_size=8         # one GPU, ~5 GB
@@ -104,7 +104,7 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=4)
     p.add_argument("--warmup", type=int, help="the window starts after this step (default: two "
                    "steps after the first save)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each mode (median)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per training")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run, e.g. "
@@ -145,6 +145,12 @@ def main() -> int:
     verdict = "meets" if ratio <= 0.10 else "MISSES"
     print(f"background / synchronous time lost per save: {ratio:.3f} ({verdict} the <= 0.10 "
           f"target){'; a background save completed after the last step' if late else ''}")
+    spread = {m: max(r["loop_s"] for r in rs) - min(r["loop_s"] for r in rs)
+              for m, rs in runs.items()}
+    if a.repeats > 1:  # the noise: how far runs of one mode differ, per save of the window
+        n = runs["sync"][0]["saves"]
+        print("run-to-run spread of the loop time, per save: " + ", ".join(
+            f"{m} {spread[m] / n:.2f} s" for m in runs))
     print(f"outside the steps alone (saving, completing, no slowed steps): "
           f"{stall['async'] / stall['sync'] if stall['sync'] > 0 else float('nan'):.3f}")
     print("the first save, once per run (outside the steps at it and the step after): " + ", ".join(

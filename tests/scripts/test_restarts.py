@@ -108,8 +108,8 @@ def test_max_restarts_is_validated(tmp_path):
 @pytest.mark.slow  # about 2 minutes on 2 cores
 def test_killed_worker_restarts_in_job_with_uninterrupted_losses(tmp_path, synthetic_data):
     """kill -9 global rank 0 (the holder of the run lock) of a 2-rank run in the superposition
-    phase, after a checkpoint: torchrun restarts both workers (MEGATRON_TST_MAX_RESTARTS=1), they
-    resume from `latest` and finish with the losses of an uninterrupted 2-rank run."""
+    phase, after a checkpoint: launch.sh starts torchrun again (MEGATRON_TST_MAX_RESTARTS=1), both
+    workers resume from `latest` and finish with the losses of an uninterrupted 2-rank run."""
     t0 = time.time()
     recipe = write_tiny_recipe(tmp_path, synthetic_data)
     ref_dir = tmp_path / "reference"
@@ -156,7 +156,7 @@ def test_killed_worker_restarts_in_job_with_uninterrupted_losses(tmp_path, synth
           f"{SUPERPOSITION}), resumed from step {resumed[0]['step']}; max relative loss "
           f"difference to the uninterrupted run {worst:.3g}; reference {t_ref:.0f} s, total "
           f"{time.time() - t0:.0f} s")
-    assert got == pytest.approx(reference, rel=1e-6, abs=0)
+    assert got == reference  # bitwise: the resume restores data position, RNG and optimizer
 
 
 @pytest.mark.slow  # about 2 minutes on 2 cores
