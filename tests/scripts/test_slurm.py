@@ -5,7 +5,7 @@ uninterrupted run; the time-limit warning (``--signal=B:USR1@T``) makes the job 
 itself; ``submit.sh --chain`` chains the superposition and recovery phases as two jobs;
 ``preprocess.sh`` tokenizes a corpus as a job array and a merge job, as docs/data.md says.
 
-Slow (about 5 minutes on 2 cores): ``python -m pytest -q -m slow tests/scripts/test_slurm.py``.
+Slow (about 13 minutes on 2 cores): ``python -m pytest -q -m slow tests/scripts/test_slurm.py``.
 Needs root and ``apt-get install -y slurm-wlm munge``; skipped when Slurm is not installed.
 """
 
