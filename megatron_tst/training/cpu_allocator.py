@@ -4,7 +4,7 @@ glibc's ``malloc`` serves every block of 128 KiB or more (the threshold adapts u
 its own ``mmap`` and gives it back to the kernel on ``free``, and trims the heap top past 128 KiB.
 A CPU training step allocates and frees activations and gradients of many MiB each, so every step
 maps them again and the kernel zero-fills each page on first touch: on this project's 2-core
-machine that page-fault work was more than half of a step of a 0.2B-parameter model
+machine that page-fault work was more than half of a step of a 0.16B-parameter model
 (``docs/benchmarks.md``). CUDA training never pays it (torch's caching allocator keeps freed
 blocks); on the CPU, glibc keeps them when ``mmap`` is off (``M_MMAP_MAX = 0``) and trimming is
 off (``M_TRIM_THRESHOLD = -1``), the documented ``mallopt`` settings behind the
