@@ -3,21 +3,8 @@
 The checkpoint may come from any layout (TP/PP/EP shards, virtual pipeline stages): the model is
 built in one process with TP=PP=EP=1 from the run config stored in the checkpoint, with the
 trainer's own ``build_model_chunks`` (megatron-core's local layer spec), and megatron's dist
-checkpointing gathers the weights into it. Then the names and layouts are mapped:
-
-============================  ==================================================================
-megatron-core                 Hugging Face
-============================  ==================================================================
-``linear_qkv`` (fused)        ``q_proj``, ``k_proj``, ``v_proj``: megatron stores the rows per
-                              KV group, ``[q heads of the group, k, v]`` blocks of head_dim rows
-``linear_fc1`` (SwiGLU)       ``gate_proj`` (first half of the rows), ``up_proj`` (second half)
-``linear_proj``, ``fc2``      ``o_proj``, ``down_proj``
-``input_layernorm``           ``input_layernorm``
-``pre_mlp_layernorm``         ``post_attention_layernorm``
-``q/k_layernorm``             ``q_norm``, ``k_norm`` (Qwen3)
-``router``, ``local_experts`` ``mlp.gate``, ``mlp.experts.N.{gate,up,down}_proj`` (Qwen3-MoE)
-``output_layer``              ``lm_head`` (untied); tied models set ``tie_word_embeddings``
-============================  ==================================================================
+checkpointing gathers the weights into it. Then the names and layouts are mapped by
+``export/mapping.py`` (the table there; each rule also maps the other way).
 
 Architectures: dense -> ``LlamaForCausalLM``; dense with qk-norm -> ``Qwen3ForCausalLM``; MoE with
 qk-norm -> ``Qwen3MoeForCausalLM``; MoE without qk-norm -> ``MixtralForCausalLM``; NoPE layers
@@ -47,6 +34,7 @@ import torch
 
 from megatron_tst.config import RunConfig
 from megatron_tst.export.errors import ExportError
+from megatron_tst.export.mapping import ModelShape, weight_map
 from megatron_tst.export.source import (TokenizerLocation, build_models, checkpoint_config,
                                         find_tokenizer, load_model_weights, megatron_state,
                                         vocab_sizes)
@@ -154,57 +142,18 @@ def nope_layers(cfg: RunConfig) -> list[int]:
 # ----------------------------------------------------------------------------------- weights
 def convert_weights(cfg: RunConfig, arch: Architecture, sd: dict, vocab: int) -> dict:
     """Hugging Face tensors from a TP=PP=EP=1 megatron state dict (``_extra_state`` entries
-    dropped); every megatron weight must be used, or the export is refused naming it."""
-    m = cfg.model
+    dropped) through ``mapping.weight_map``; every megatron weight must be used, or the export is
+    refused naming it."""
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     out: dict[str, torch.Tensor] = {}
-
-    def take(key: str) -> torch.Tensor:
+    for rule in weight_map(ModelShape.of(cfg.model), arch.key, vocab):
         try:
-            return sd.pop(key)
+            tensor = sd.pop(rule.megatron)
         except KeyError:
-            raise ExportError(f"the model has no weight {key!r}, which a {arch.hf_class} "
-                              f"export needs; the checkpoint's model does not match its run "
-                              f"config") from None
-
-    heads, hidden = m.num_attention_heads, m.hidden_size
-    groups = m.num_query_groups or heads
-    head_dim = m.kv_channels or hidden // heads
-    per_group = heads // groups
-    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:vocab]
-    for i in range(m.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "post_attention_layernorm.weight"] = take(src + "pre_mlp_layernorm.weight")
-        qkv = take(src + "self_attention.linear_qkv.weight").view(groups, per_group + 2, head_dim,
-                                                                  hidden)
-        out[dst + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(heads * head_dim, hidden)
-        out[dst + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(groups * head_dim, hidden)
-        out[dst + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(groups * head_dim,
-                                                                             hidden)
-        out[dst + "self_attn.o_proj.weight"] = take(src + "self_attention.linear_proj.weight")
-        if m.qk_layernorm:
-            out[dst + "self_attn.q_norm.weight"] = take(src + "self_attention.q_layernorm.weight")
-            out[dst + "self_attn.k_norm.weight"] = take(src + "self_attention.k_layernorm.weight")
-        if not m.num_moe_experts:
-            gate, up = take(src + "mlp.linear_fc1.weight").chunk(2, dim=0)
-            out[dst + "mlp.gate_proj.weight"] = gate
-            out[dst + "mlp.up_proj.weight"] = up
-            out[dst + "mlp.down_proj.weight"] = take(src + "mlp.linear_fc2.weight")
-            continue
-        moe = dst + ("mlp." if arch.key == "qwen3_moe" else "block_sparse_moe.")
-        names = ("gate_proj", "up_proj", "down_proj") if arch.key == "qwen3_moe" \
-            else ("w1", "w3", "w2")
-        out[moe + "gate.weight"] = take(src + "mlp.router.weight")
-        for j in range(m.num_moe_experts):
-            expert = f"{src}mlp.experts.local_experts.{j}."
-            gate, up = take(expert + "linear_fc1.weight").chunk(2, dim=0)
-            out[f"{moe}experts.{j}.{names[0]}.weight"] = gate
-            out[f"{moe}experts.{j}.{names[1]}.weight"] = up
-            out[f"{moe}experts.{j}.{names[2]}.weight"] = take(expert + "linear_fc2.weight")
-    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
-    if m.untie_embeddings:
-        out["lm_head.weight"] = take("output_layer.weight")[:vocab]
+            raise ExportError(f"the model has no weight {rule.megatron!r}, which a "
+                              f"{arch.hf_class} export needs; the checkpoint's model does not "
+                              f"match its run config") from None
+        out.update(zip(rule.hf, rule.to_hf(tensor)))
     if sd:
         key = sorted(sd)[0]
         raise ExportError(
