@@ -19,7 +19,11 @@ printed separately: the time outside the steps at that save and the step after i
 background save loses at most 10% of what a synchronous one loses. The part spent outside the
 training steps (the loop's time minus its steps' ``step_time_s``) is shown too: it is free of
 the steps' run-to-run noise, and the rest of a background save's loss is steps slowed by the
-writer.
+writer. Those slowed steps are also measured within each run (``paired``): the steps in the
+first half of each save interval, where a background writer works, against the same run's
+other steps, which cancels the drift of a shared machine's speed between runs (on the 2-core VM
+it moved whole runs by more than a background save costs); the no-save run, measured the same
+way, is the control.
 
 The model is large in parameters and cheap per step (fp32, a few wide layers, 16 positions per
 step): the checkpoint (weights and Adam moments) takes seconds to write. Training runs
@@ -79,7 +83,19 @@ def measure(a, work: Path, mode: str, common: list[str], repeat: int) -> dict:
     if ckpts:
         size = sum(p.stat().st_size for p in ckpts[-1].rglob("*") if p.is_file())
     window = [by_step[i] for i in range(first + 1, last + 1)]
-    return {"mode": mode, "loop_s": by_step[last]["elapsed_s"] - by_step[first]["elapsed_s"],
+    # Paired within the run: the steps in the first half of each save interval (a background
+    # save's writer works then) against the same run's other steps, so the drift of this
+    # machine's speed between runs cancels. Per save: the time outside the steps plus those
+    # steps' excess over the run's others.
+    half = a.save_every // 2
+    after = {s + i for s in range(a.save_every, last, a.save_every) for i in range(1, half + 1)}
+    hit = [r["step_time_s"] for r in window if r["step"] in after]
+    clean = [r["step_time_s"] for r in window if r["step"] not in after]
+    paired = sum(outside[r["step"]] for r in window) + sum(hit) - len(hit) * statistics.mean(clean)
+    return {"mode": mode,
+            "paired_lost_s": paired,
+            # a background save still writing after the first half of its interval
+            "late": [(s, at) for s, at in done if first < s < last and at > s + half], "loop_s": by_step[last]["elapsed_s"] - by_step[first]["elapsed_s"],
             # the loop's time outside the training steps (saves, their completion, logging)
             "outside_s": sum(outside[r["step"]] for r in window),
             # the first save (after step save_every) and its completion, one step later
@@ -151,11 +167,20 @@ def main() -> int:
         n = runs["sync"][0]["saves"]
         print("run-to-run spread of the loop time, per save: " + ", ".join(
             f"{m} {spread[m] / n:.2f} s" for m in runs))
+    n = runs["sync"][0]["saves"]  # "none": the same steps, as a control (about 0)
+    paired = {m: med(m, "paired_lost_s") / n for m in runs}
+    late = [x for r in runs["async"] for x in r["late"]]
+    print(f"paired within each run (outside the steps + the excess of the {a.save_every // 2} "
+          f"steps after each save over the run's others), lost per save: sync "
+          f"{paired['sync']:.3f} s, async {paired['async']:.3f} s, none {paired['none']:.3f} s; "
+          f"background / synchronous: {paired['async'] / paired['sync']:.3f}"
+          + (f" (saves still writing later: {late})" if late else ""))
     print(f"outside the steps alone (saving, completing, no slowed steps): "
           f"{stall['async'] / stall['sync'] if stall['sync'] > 0 else float('nan'):.3f}")
     print("the first save, once per run (outside the steps at it and the step after): " + ", ".join(
         f"{mode} {med(mode, 'first_save_outside_s'):.2f} s" for mode in ("sync", "async")))
-    out.update(lost_per_save_s=lost, stall_per_save_s=stall, ratio=ratio)
+    out.update(lost_per_save_s=lost, stall_per_save_s=stall, ratio=ratio,
+               paired_lost_per_save_s=paired)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
