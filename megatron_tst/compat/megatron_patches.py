@@ -238,8 +238,12 @@ def stop_signals_ignored_by_new_processes():
     ignored disposition survives ``fork`` and ``exec`` (a handler does not), and
     ``ignore_stop_signals`` in the child comes only after its imports (seconds), during which a
     signal to every process of the job would kill it. This process's own handlers are set back
-    after; the signals are blocked meanwhile, so one that arrives then is delivered to them, not
-    lost. Only the main thread can change handlers: elsewhere this does nothing."""
+    after (milliseconds: the start of the process). The signals are blocked in this thread
+    meanwhile, so one sent then waits for the handlers if it is this thread's, but one that
+    another thread takes (the process has others: gloo's) is ignored: the trainer starts these
+    processes in its set-up, before any step, where a signal lost costs what one during its
+    imports does (no checkpoint; the run resumes from the one it started from). Only the main
+    thread can change handlers: elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
