@@ -71,7 +71,7 @@ def _gate_up(megatron: str, gate: str, up: str) -> Rule:
                 lambda g, u: torch.cat([g, u], dim=0))
 
 
-def _qkv(prefix: str, s: ModelShape) -> Rule:
+def _qkv(src: str, dst: str, s: ModelShape) -> Rule:
     groups, per_group, d, hidden = s.num_query_groups, \
         s.num_attention_heads // s.num_query_groups, s.head_dim, s.hidden_size
 
@@ -86,8 +86,8 @@ def _qkv(prefix: str, s: ModelShape) -> Rule:
                           k.reshape(groups, 1, d, hidden),
                           v.reshape(groups, 1, d, hidden)], dim=1).reshape(-1, hidden)
 
-    attn = prefix.replace("decoder.layers.", "model.layers.") + "self_attn."
-    return Rule(prefix + "self_attention.linear_qkv.weight",
+    attn = dst + "self_attn."
+    return Rule(src + "self_attention.linear_qkv.weight",
                 (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
                 to_hf, to_megatron)
 
@@ -112,7 +112,7 @@ def weight_map(s: ModelShape, arch: str, vocab: int, padded: Optional[int] = Non
     for i in range(s.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         rules += [_same(src + "input_layernorm.weight", dst + "input_layernorm.weight"),
-                  _qkv(src, s),
+                  _qkv(src, dst, s),
                   _same(src + "self_attention.linear_proj.weight", dst + "self_attn.o_proj.weight")]
         if s.qk_layernorm:
             rules += [_same(src + "self_attention.q_layernorm.weight", dst + "self_attn.q_norm.weight"),

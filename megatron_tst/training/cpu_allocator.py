@@ -51,11 +51,13 @@ def keep_freed_memory() -> bool:
     on = False
     if choice == "keep":
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-        if mallopt is not None:
+        if mallopt is None:
+            log.info("the C library has no mallopt: the host allocator keeps its defaults")
+        else:
             mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
             mallopt.restype = ctypes.c_int
             on = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
-        if not on:
-            log.info("the C library has no mallopt: the host allocator keeps its defaults")
+            if not on:
+                log.warning("mallopt refused the settings: freed memory may go back to the OS")
     _state["on"] = on
     return on

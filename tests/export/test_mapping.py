@@ -5,6 +5,8 @@ nothing downloaded)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -15,11 +17,9 @@ DENSE = ModelShape(num_layers=2, hidden_size=32, num_attention_heads=4, num_quer
 SHAPES = {
     "llama": DENSE,
     "smollm3": DENSE,
-    "qwen3": DENSE.__class__(**{**DENSE.__dict__, "qk_layernorm": True, "head_dim": 16}),
-    "qwen3_moe": DENSE.__class__(**{**DENSE.__dict__, "qk_layernorm": True,
-                                   "num_moe_experts": 4}),
-    "mixtral": DENSE.__class__(**{**DENSE.__dict__, "num_moe_experts": 4,
-                                 "untie_embeddings": False}),
+    "qwen3": replace(DENSE, qk_layernorm=True, head_dim=16),
+    "qwen3_moe": replace(DENSE, qk_layernorm=True, num_moe_experts=4),
+    "mixtral": replace(DENSE, num_moe_experts=4, untie_embeddings=False),
 }
 VOCAB, PADDED, FFN = 50, 64, 48
 
