@@ -1,4 +1,4 @@
-"""``megatron-tst``: train | demo | preprocess | study | inspect | export | eval.
+"""``megatron-tst``: train | demo | preprocess | study | inspect | export | import | eval.
 
 Single process: ``megatron-tst train configs/x.yaml key=value ...``. Several processes:
 ``torchrun --nproc-per-node N -m megatron_tst.cli train configs/x.yaml ...``.
@@ -121,6 +121,12 @@ def _cmd_export(args) -> int:
     return run_export(args)
 
 
+def _cmd_import(args) -> int:
+    from megatron_tst.export.hf_import import run_import
+
+    return run_import(args)
+
+
 def _cmd_eval(args) -> int:
     from megatron_tst.evaluate import run_eval
 
@@ -169,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_arguments(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="a Hugging Face model directory as a checkpoint that "
+                                      "any layout loads (train from it: checkpoint.init_from)")
+    from megatron_tst.export.arguments import add_import_arguments
+
+    add_import_arguments(p)
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("eval", help="next-token loss, perplexity and bits per byte of a "
                                     "checkpoint on held-out data (any layout)")

@@ -424,6 +424,9 @@ class CheckpointConfig:
     keep_last: int = 2  # 0 = keep all
     load: str = "auto"  # auto: latest in dir if any | none | a checkpoint directory
     load_optimizer: bool = True  # false: fresh Adam moments (model, step, data, LR continue)
+    # A new run's weights: a Hugging Face model directory or a megatron-tst checkpoint (e.g. from
+    # `megatron-tst import`); step 0, fresh optimizer, the recipe's schedule. Unused on resume.
+    init_from: Optional[str] = None
     # Write checkpoints in the background (megatron-core's dist_checkpointing async save):
     # training goes on while the files are written; the completion record and 'latest' follow
     # once every rank's write has finished (docs/reliability.md).
@@ -438,6 +441,9 @@ class CheckpointConfig:
         for name in self.allow_changes:
             if not _is_key_or_section(run, name):
                 _fail(self, "checkpoint.allow_changes", f"{name!r} is not a recipe key or section")
+        if self.init_from is not None and not self.init_from:
+            _fail(self, "checkpoint.init_from", "must be a Hugging Face model directory, a "
+                  "checkpoint directory or null")
         if self.load not in ("auto", "none") and not self.load:
             _fail(self, "checkpoint.load", "must be 'auto', 'none' or a checkpoint directory")
 

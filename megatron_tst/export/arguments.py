@@ -1,4 +1,4 @@
-"""Command-line arguments of ``megatron-tst export`` and ``megatron-tst eval`` (no heavy imports:
+"""Command-line arguments of ``megatron-tst export``, ``import`` and ``eval`` (no heavy imports:
 the CLI builds its parser before knowing the command)."""
 
 from __future__ import annotations
@@ -22,6 +22,19 @@ def add_export_arguments(p) -> None:
     p.add_argument("--check", action="store_true",
                    help="load the export with transformers and compare its logits and tokenizer "
                         "with the checkpoint's (needs memory for both models)")
+
+
+def add_import_arguments(p) -> None:
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a Hugging Face model directory (config.json, "
+                                                     "*.safetensors, tokenizer files)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the checkpoint root to write (new or empty, or --force)")
+    p.add_argument("--recipe", default=None,
+                   help="the recipe that will train from it: its model keys, vocabulary and "
+                        "tokenizer are checked against the model, its dtype and its TP's "
+                        "vocabulary padding are used")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of --recipe")
+    p.add_argument("--force", action="store_true", help="replace the contents of DIR")
 
 
 def add_eval_arguments(p) -> None:

@@ -34,7 +34,29 @@ DEMO_TOKENIZER = Path("data") / "tokenizer.model"  # under the run dir (data/dem
 def checkpoint_config(saved: SavedCheckpoint, *, parallel: Optional[dict] = None,
                       model: Optional[dict] = None, micro_batch_size: Optional[int] = None,
                       overrides: Iterable[str] = (), world_size: int = 1) -> RunConfig:
-    """The checkpoint's ``RunConfig`` rebuilt for inference in another layout.
+    """The checkpoint's ``RunConfig`` rebuilt for inference (``inference_config``); a stored
+    config this megatron-tst refuses is a ``CheckpointError``."""
+    try:
+        return inference_config(saved.run_config, str(saved.path), parallel=parallel,
+                                model=model, micro_batch_size=micro_batch_size,
+                                overrides=overrides, world_size=world_size)
+    except ConfigError as err:
+        if err.key in set(_override_keys(overrides)) or (err.key or "").startswith("parallel."):
+            raise
+        raise CheckpointError(f"the run config stored in {saved.path} is not one this "
+                              f"megatron-tst accepts ({err}); read it with the megatron-tst "
+                              f"version that wrote the checkpoint") from None
+
+
+def _override_keys(overrides: Iterable[str]) -> list[str]:
+    return [o.split("=", 1)[0].strip() for o in overrides]
+
+
+def inference_config(run_config: dict, load: str, *, parallel: Optional[dict] = None,
+                     model: Optional[dict] = None, micro_batch_size: Optional[int] = None,
+                     overrides: Iterable[str] = (), world_size: int = 1) -> RunConfig:
+    """A run config (``run_config``, a plain dict) rebuilt for inference in another layout,
+    loading ``load``.
 
     ``parallel`` replaces the saved parallel section (None: TP=PP=EP=1, no SP); ``model`` sets
     model keys that change the implementation only (e.g. ``transformer_impl``); ``overrides``
@@ -42,12 +64,12 @@ def checkpoint_config(saved: SavedCheckpoint, *, parallel: Optional[dict] = None
     TST is switched off (the weights are the same; inference is next-token), the optimizer is
     never loaded and the global batch is one micro-batch per data-parallel rank.
     """
-    tree = copy.deepcopy(saved.run_config)
+    tree = copy.deepcopy(run_config)
     saved_parallel = tree.get("parallel", {})
     tree["parallel"] = {"backend": saved_parallel.get("backend", "auto"), **(parallel or {})}
     tree["model"] = {**tree.get("model", {}), **(model or {})}
     tree["tst"] = {}  # bag_size 1: the plain next-token forward
-    tree["checkpoint"] = {"load": str(saved.path), "load_optimizer": False}
+    tree["checkpoint"] = {"load": load, "load_optimizer": False}
     tree.setdefault("logging", {})["wandb"] = False
     sources = apply_overrides(tree, overrides)
     t = tree.setdefault("training", {})
@@ -61,14 +83,7 @@ def checkpoint_config(saved: SavedCheckpoint, *, parallel: Optional[dict] = None
         "virtual_pipeline_model_parallel_size") else 1
     t["global_batch_size"] = t.get("micro_batch_size", 1) * dp * microbatches
     t["exit_at_step"] = None
-    try:
-        return build_config(tree, sources, world_size=world_size)
-    except ConfigError as err:
-        if err.key in sources or (err.key or "").startswith("parallel."):
-            raise
-        raise CheckpointError(f"the run config stored in {saved.path} is not one this "
-                              f"megatron-tst accepts ({err}); read it with the megatron-tst "
-                              f"version that wrote the checkpoint") from None
+    return build_config(tree, sources, world_size=world_size)
 
 
 # ---------------------------------------------------------------------------- tokenizer

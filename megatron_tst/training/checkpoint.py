@@ -222,6 +222,28 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
     return path
 
 
+def save_model_checkpoint(cfg: RunConfig, models, train_state: TrainState, root: Path,
+                          record: dict) -> Path:
+    """A weights-only checkpoint of bare model chunks (no optimizer, schedule or RNG) as step
+    ``train_state.step`` of ``root``, complete as a training save is (record, ``latest``):
+    what ``megatron-tst import`` writes and ``checkpoint.init_from`` loads."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(root) / step_dir_name(train_state.step)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True)
+    dist.barrier()
+    state = {key: m.sharded_state_dict(metadata=SHARDING_METADATA)
+             for key, m in zip(model_keys(len(models)), models)}
+    state.update(train_state=asdict(train_state), run_config=cfg.to_dict())
+    dist_checkpointing.save(state, str(path))
+    dist.barrier()
+    _complete(cfg, path, {"format_version": FORMAT_VERSION, "step": train_state.step,
+                          "phase": train_state.phase, "consumed_tokens": 0, **record},
+              _gather_digests(path), None)
+    return path
+
+
 def _complete(cfg: RunConfig, path: Path, record: dict, files: dict,
               protect: Optional[Path]) -> None:
     """Rank 0: run_config.yaml, the completion record, ``latest``, retention; then a barrier."""

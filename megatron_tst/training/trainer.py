@@ -30,7 +30,7 @@ from megatron_tst.plan import RunPlan
 from megatron_tst.training import async_save
 from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training import console
-from megatron_tst.training import failpoints
+from megatron_tst.training import failpoints, init_from
 from megatron_tst.training.distributed import init_distributed
 from megatron_tst.training.faults import nonfinite_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
@@ -83,6 +83,9 @@ class Trainer:
         self.plan = (plan or RunPlan.build(cfg, self.env.world_size)).with_vocab(vocab, name)
         saved = ckpt.resolve_load_path(cfg)
         accepted = check_resume(saved, self.plan) if saved is not None else []
+        self.init = None  # checkpoint.init_from: a fresh run's weights (training/init_from.py)
+        if saved is None and cfg.checkpoint.init_from:
+            self.init = init_from.check(cfg, self.plan)
         self.data = build_run_data(cfg, self.plan.stream)
         if self.data.tokenizer.vocab_size != vocab:
             raise ConfigError(f"the run's tokenizer has {self.data.tokenizer.vocab_size:,} entries, "
@@ -92,6 +95,8 @@ class Trainer:
         self.layout = self.plan.layout.batch_layout(ps.get_data_parallel_rank())
 
         chunks = [c.to(self.env.device) for c in build_model_chunks(cfg, self.plan)]
+        if self.init is not None:
+            init_from.load(init_from.prepare(self.init, cfg, self.env.rank), chunks)
         self.num_params = sum(count_parameters(c) for c in chunks)
         self.model = [wrap_model(cfg, c, i) for i, c in enumerate(chunks)]
         self.optimizer = TrainingOptimizer(cfg, self.model)
@@ -133,6 +138,8 @@ class Trainer:
                                  self.env.is_logging_rank)
         self.status = StatusFile(cfg, self.env.rank)
         self._announce(saved, accepted)
+        if self.init is not None:
+            self.metrics.event(0, f"initialized the model weights from {self.init.describe()}")
         self.watchdog = HangWatchdog(  # training/watchdog.py: beat() wherever progress is made
             cfg.training.hang_timeout_minutes, cfg.resolved_run_dir, self.env.rank,
             cfg.training.train_steps,
