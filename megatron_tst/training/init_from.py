@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 
 KEY = "checkpoint.init_from"
 IMPORTED = "init_from"  # under the run directory
-#: The launcher's variables, which the import's child process must not see (it runs alone).
+#: The launcher's variables, which the import's child process must not see (it runs alone; with
+#: TORCHELASTIC_USE_AGENT_STORE it would wait for torchrun's store as a client).
 DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                   "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+                   "GROUP_WORLD_SIZE", "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR",
+                   "MASTER_PORT")  # and every TORCHELASTIC_*
 
 
 @dataclass
@@ -135,7 +136,8 @@ def _reusable(out: Path, hf) -> bool:
 def _run_import(hf_dir: Path, out: Path, cfg: RunConfig) -> Optional[str]:
     """``megatron-tst import`` in a child process on the CPU; its error, or None."""
     log.info("importing %s into %s (one process, on the CPU)", hf_dir, out)
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env = {k: v for k, v in os.environ.items()
+           if k not in DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC_")}
     env["CUDA_VISIBLE_DEVICES"] = ""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(config_to_yaml(cfg))
