@@ -10,7 +10,9 @@ Architectures: dense -> ``LlamaForCausalLM``; dense with qk-norm -> ``Qwen3ForCa
 qk-norm -> ``Qwen3MoeForCausalLM``; MoE without qk-norm -> ``MixtralForCausalLM``; NoPE layers
 (``model.no_rope_freq``) or no RoPE at all -> ``SmolLM3ForCausalLM``. RoPE is the same
 rotate-half convention in both (megatron ``rotary_interleaved=False``); megatron's router
-(softmax over the top-k logits) equals Qwen3-MoE's with ``norm_topk_prob`` and Mixtral's.
+(softmax over the top-k logits) equals Qwen3-MoE's with ``norm_topk_prob`` and Mixtral's; with
+``model.moe_router_pre_softmax`` (softmax over all experts, top-k not renormalized) it is
+Qwen3-MoE's ``norm_topk_prob: false``.
 
 The padded vocabulary rows (megatron pads the embedding and LM head to a multiple of
 ``make_vocab_size_divisible_by`` x TP) are dropped: ``vocab_size`` is the run's vocabulary, so
@@ -106,6 +108,11 @@ def choose_architecture(cfg: RunConfig) -> Architecture:
             raise refuse(key, getattr(m, key.split(".")[1]),
                          "an MoE model with NoPE layers has no Hugging Face architecture "
                          "(Qwen3-MoE and Mixtral apply RoPE in every layer)")
+        if m.moe_router_pre_softmax and not m.qk_layernorm:
+            raise refuse("model.moe_router_pre_softmax", True,
+                         "Mixtral renormalizes the top-k probabilities (a softmax over the top-k "
+                         "logits); with qk-norm the model exports as Qwen3-MoE, whose "
+                         "norm_topk_prob=false is this router")
         return ARCHITECTURES["qwen3_moe" if m.qk_layernorm else "mixtral"]
     if nope:
         if m.qk_layernorm:
@@ -207,7 +214,8 @@ def hf_config(cfg: RunConfig, arch: Architecture, vocab: int, ids: TokenizerIds,
                  router_aux_loss_coef=m.moe_aux_loss_coeff)
         if arch.key == "qwen3_moe":
             c.update(num_experts=m.num_moe_experts, moe_intermediate_size=expert_ffn,
-                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+                     norm_topk_prob=not m.moe_router_pre_softmax, decoder_sparse_step=1,
+                     mlp_only_layers=[])
         else:
             c.update(num_local_experts=m.num_moe_experts, intermediate_size=expert_ffn,
                      router_jitter_noise=0.0, sliding_window=None)

@@ -20,6 +20,10 @@ ARCHITECTURES = {
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 24,
                                      "num_experts_per_tok": 2, "decoder_sparse_step": 1,
                                      "mlp_only_layers": [], "norm_topk_prob": True}),
+    # softmax over all experts, top-k not renormalized (megatron's moe_router_pre_softmax)
+    "qwen3_moe-unnormalized": ("Qwen3MoeConfig", {
+        "num_experts": 4, "moe_intermediate_size": 24, "num_experts_per_tok": 2,
+        "norm_topk_prob": False}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2,
                                   "tie_word_embeddings": True}),
     # RoPE in layers 1 and 3, none in 2 and 4 (megatron's model.no_rope_freq=2)
