@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "demo": ["gensim==4.4.0"],  # ships the real English demo corpus (Wikipedia pages, news)
-        # hf: Hugging Face tokenizer.json files; megatron-tst export / eval (docs/export.md)
+        # hf: Hugging Face tokenizer.json files; megatron-tst export / eval (docs/hugging-face.md)
         "hf": ["tokenizers>=0.15", "transformers>=4.56", "safetensors", "protobuf"],
         "tensorboard": ["tensorboard"],
         "study": ["matplotlib", "scipy"],  # megatron-tst study: plot and significance test

@@ -57,7 +57,7 @@ def test_import_matches_transformers_and_exports_back_bit_for_bit(arch, tmp_path
 
 
 def test_bf16_model_through_the_command_line(tmp_path):
-    """The command as docs/export.md gives it; bf16 weights stay bf16 and come back bitwise."""
+    """The command as docs/hugging-face.md gives it; bf16 weights stay bf16 and come back bitwise."""
     hf_dir = save_hf_model(tmp_path / "hf", "qwen3", dtype=torch.bfloat16)
     out = run_cli(["import", str(hf_dir), "--out", str(tmp_path / "ckpt")]).stdout
     assert "Qwen3ForCausalLM" in out and "bfloat16" in out

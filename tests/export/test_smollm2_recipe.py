@@ -1,5 +1,5 @@
-"""``configs/smollm2-135m-tst.yaml``, its comment's commands exactly as written, on a stand-in of
-SmolLM2-135M: the released model's config.json values (its shape: 30 layers of 576, 9 heads in 3
+"""``configs/smollm2-135m-tst.yaml``, its comment's commands and docs/hugging-face.md's import
+commands exactly as written, on a stand-in of SmolLM2-135M: the released model's config.json values (its shape: 30 layers of 576, 9 heads in 3
 KV groups, tied embeddings, RoPE base 100000, a 49,152-entry vocabulary) with random bf16 weights
 and a word-level tokenizer of 49,152 entries, built by transformers in the test. The recipe's
 import command accepts it (the recipe describes the model), then the recipe trains from it
@@ -58,12 +58,17 @@ def test_recipe_commands_then_training_from_the_model(tmp_path):
     commands = [*_commands_in(text, "megatron-tst preprocess"),
                 *_commands_in(text, "megatron-tst import")]
     assert len(commands) == 2, commands
+    doc = (REPO / "docs" / "hugging-face.md").read_text().split("## Import", 1)[1]
+    documented = sorted(_commands_in(doc.split("\n## ", 1)[0], "megatron-tst import"))
+    assert commands[1] in documented and len(documented) == 2, documented
+    commands += [c for c in documented if c != commands[1]]
     for command in commands:
         result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=1800)
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-    out = tmp_path / shlex.split(commands[1])[shlex.split(commands[1]).index("--out") + 1]
-    assert (out / "latest").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
+    for command in commands[1:]:
+        out = tmp_path / shlex.split(command)[shlex.split(command).index("--out") + 1]
+        assert (out / "latest").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
 
     run_cli(["train", str(RECIPE), *CPU], cwd=tmp_path, timeout=1800)
     run_dir = tmp_path / "runs" / "smollm2-135m-tst"
