@@ -40,6 +40,9 @@ setup(
         "hf": ["tokenizers>=0.15", "transformers>=4.56", "safetensors", "protobuf"],
         "tensorboard": ["tensorboard"],
         "study": ["matplotlib", "scipy"],  # megatron-tst study: plot and significance test
+        # eval: evaluation.downstream, lm-evaluation-harness on the run's weights as it trains
+        "eval": ["lm-eval==0.4.13", "accelerate", "tokenizers>=0.15", "transformers>=4.56",
+                 "safetensors", "protobuf"],
         # triton: the fused-linear loss kernels' tests run on CPU through Triton's interpreter
         # (no torch dependency; ~270 MB wheel, Linux only).
         "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "gensim==4.4.0", "tokenizers>=0.15",
@@ -47,7 +50,7 @@ setup(
                 "transformers>=4.56", "safetensors", "protobuf",
                 "matplotlib", "scipy", "triton>=3.0; platform_system == 'Linux'",
                 # the data tests write a real Hugging Face dataset with save_to_disk
-                "datasets"],
+                "datasets", "lm-eval==0.4.13", "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megatron-tst=megatron_tst.cli:main"]},

@@ -44,6 +44,10 @@ def _train(args) -> int:
     plan = RunPlan.build(cfg, world_size)
     plan.fusions  # refuses GPU-only settings (FP8, fusions) on a machine that cannot run them
     check_run_data(cfg, plan.stream)
+    if cfg.evaluation.downstream.interval:
+        from megatron_tst.training.downstream import check as check_downstream
+
+        check_downstream(cfg)
     if cfg.checkpoint.load not in ("auto", "none"):  # a path: it must be a checkpoint, now
         from megatron_tst.training.saved import find_checkpoint
 

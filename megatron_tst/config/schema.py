@@ -465,6 +465,44 @@ class LoggingConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """lm-evaluation-harness on the run's weights while it trains (``training/downstream.py``)."""
+    interval: int = 0  # steps between evaluations; 0 = never
+    tasks: list[str] = field(default_factory=lambda: [
+        "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande"])
+    limit: Optional[int] = None  # examples per task; null = every example
+    num_fewshot: Optional[int] = None  # null = the task's default
+    batch_size: int = 8
+    launcher: Literal["subprocess", "slurm"] = "subprocess"
+    device: Optional[str] = None  # null: cpu with subprocess (the GPUs train), cuda with slurm
+    dtype: Optional[Precision] = None  # null: float32 on cpu, bfloat16 on cuda
+    slurm_args: list[str] = field(default_factory=list)  # sbatch options, e.g. [--gpus=1]
+    include_path: Optional[str] = None  # a directory of lm-eval task YAMLs (local tasks)
+    superposition: bool = False  # also evaluate superposition-phase weights (not next-token)
+    at_end: bool = True  # evaluate the final weights too
+    wait_minutes: float = 60.0  # how long the end of the run waits for pending evaluations
+
+
+@dataclass
+class EvaluationConfig:
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+
+    def validate(self) -> None:
+        d = self.downstream
+        _NON_NEGATIVE.check(self, "evaluation.downstream.interval")
+        _POSITIVE.check(self, "evaluation.downstream.batch_size",
+                        "evaluation.downstream.wait_minutes")
+        if d.limit is not None and d.limit <= 0:
+            _fail(self, "evaluation.downstream.limit", "must be positive, or null for every "
+                  "example")
+        if d.interval and not d.tasks:
+            _fail(self, "evaluation.downstream.tasks", "is empty: name lm-evaluation-harness "
+                  "tasks, e.g. [arc_easy, piqa]")
+        if d.slurm_args and d.launcher != "slurm":
+            _fail(self, "evaluation.downstream.slurm_args", "apply to launcher: slurm only")
+
+
+@dataclass
 class TSTConfig:
     """Token-Superposition Training (see docs/method.md). ``bag_size: 1`` or a zero-length
     superposition phase is exactly standard training."""
@@ -574,6 +612,7 @@ class RunConfig(_KeySources):
     tst: TSTConfig = field(default_factory=TSTConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -608,6 +647,7 @@ class RunConfig(_KeySources):
         self.tst.validate(self.training)
         self.loss.validate(self.parallel)
         self.logging.validate()
+        self.evaluation.validate()
         self.megatron.validate()
         self.checkpoint.validate(self)
         if world_size is not None:

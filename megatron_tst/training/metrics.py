@@ -52,6 +52,21 @@ class MetricsLogger:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
 
+    def log_at(self, step: int, metrics: dict[str, Any], kind: str) -> None:
+        """Figures of an earlier ``step`` (downstream scores that arrive later): wandb's own step
+        only grows, so they are plotted against ``<kind>/step`` there."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        scalars = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._wandb is not None:
+            self._wandb.define_metric(f"{kind}/*", step_metric=f"{kind}/step")
+            self._wandb.log({**scalars, f"{kind}/step": step})
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+
     def event(self, step: int, message: str) -> None:
         """A marked event in the logs (resume, checkpoint, phase switch)."""
         log.info("step %d: %s", step, message)

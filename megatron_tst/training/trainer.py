@@ -32,6 +32,7 @@ from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training import console
 from megatron_tst.training import failpoints, init_from
 from megatron_tst.training.distributed import init_distributed
+from megatron_tst.training.downstream import DownstreamEvals
 from megatron_tst.training.faults import nonfinite_step
 from megatron_tst.training.metrics import MetricsLogger, format_metrics, setup_logging
 from megatron_tst.training.moe_metrics import moe_metrics
@@ -137,6 +138,7 @@ class Trainer:
         self.spikes = SpikeWatch(cfg.training.loss_spike_sigma, self.metrics,
                                  self.env.is_logging_rank)
         self.status = StatusFile(cfg, self.env.rank)
+        self.downstream = DownstreamEvals(cfg, self.env.is_logging_rank)  # evaluation.downstream
         self._announce(saved, accepted)
         if self.init is not None:
             self.metrics.event(0, f"initialized the model weights from {self.init.describe()}")
@@ -255,6 +257,7 @@ class Trainer:
         tic = time.time()
         self.watchdog.beat()
         self._finish_saves(wait=True)
+        self._sync_params()
         try:
             with self.stop.signals.blocked(), self.perf.timers.time("save"):
                 path = ckpt.save_checkpoint(self.cfg, self.model, self.optimizer, self.state,
@@ -269,6 +272,27 @@ class Trainer:
             self._saved(path)
         elif wait:
             self._finish_saves(wait=True)
+
+    def _sync_params(self) -> None:
+        """With ``parallel.overlap_param_gather`` the distributed optimizer's updated shards
+        reach the other ranks' parameters during the next forward: gather them now, before
+        the parameters are saved (as Megatron-LM does before a save)."""
+        if self.cfg.parallel.overlap_param_gather:
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
+
+    def _evaluate_downstream(self) -> None:
+        """Save this step's weights for ``evaluation.downstream`` and start their evaluation."""
+        self.watchdog.beat()
+        self._sync_params()
+
+        def save_weights(root: Path) -> Path:
+            with self.stop.signals.blocked(), self.perf.timers.time("downstream"):
+                return ckpt.save_model_checkpoint(self.cfg, [c.module for c in self.model],
+                                                  self.state, root, {"downstream": True})
+
+        self.downstream.launch(self.state.step, save_weights)
+        self.watchdog.beat()
 
     def _finish_saves(self, wait: bool = False) -> None:
         """Complete a pending background save if every rank's writer is done (``wait``: block
@@ -339,6 +363,9 @@ class Trainer:
                     st.step == stop_at and (self.cfg.checkpoint.save_final or stop_at < t.train_steps)):
                 self.save()
             self._finish_saves()
+            if self.downstream.due(st.step, phase.name, st.step == t.train_steps):
+                self._evaluate_downstream()
+            self.downstream.poll(self.metrics)
             if received := self.stop.check():
                 outcome = self._stop_early(received)
                 break
@@ -350,6 +377,10 @@ class Trainer:
         self._finish_saves(wait=True)  # the final save, written during the final evaluation
         if self.background is not None:
             self.background.close()
+        if outcome:  # an early exit: a resumed run logs or restarts them
+            self.downstream.close()
+        else:
+            self.downstream.poll(self.metrics, wait=True)
         ckpt.wait_for_removals()  # pruned checkpoints still being deleted
         self.metrics.close()
         status, reason, signal_name = outcome or (
@@ -433,4 +464,5 @@ def train(cfg: RunConfig, plan: Optional[RunPlan] = None) -> TrainResult:
         trainer.watchdog.close()
         if trainer.background is not None:  # a no-op after fit() closed it
             trainer.background.close(abort=True)
+        trainer.downstream.close()  # evaluations still running after an exception
         ckpt.wait_for_removals()
