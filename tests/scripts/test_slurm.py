@@ -3,7 +3,8 @@
 ``train.sbatch`` is preempted, requeued, resumes from its checkpoint and ends with the losses of an
 uninterrupted run; the time-limit warning (``--signal=B:USR1@T``) makes the job save and requeue
 itself; ``submit.sh --chain`` chains the superposition and recovery phases as two jobs;
-``preprocess.sh`` tokenizes a corpus as a job array and a merge job, as docs/data.md says.
+``preprocess.sh`` tokenizes a corpus as a job array and a merge job, as docs/data.md says;
+``evaluation.downstream.launcher: slurm`` submits its evaluations as jobs.
 
 Slow (about 13 minutes on 2 cores): ``python -m pytest -q -m slow tests/scripts/test_slurm.py``.
 Needs root and ``apt-get install -y slurm-wlm munge``; skipped when Slurm is not installed.
@@ -403,3 +404,26 @@ def test_preprocess_array_then_merge_as_documented(cluster, tmp_path):
     assert files_of(work / "data" / "dclm") == files_of(reference)
     merge_log = (work / "logs" / f"preprocess-{merge}.out").read_text()
     assert "data/dclm/manifest.json: 4 shards" in merge_log, merge_log
+
+
+def test_downstream_evaluations_run_as_slurm_jobs(cluster, synthetic_data, tmp_path):
+    """``evaluation.downstream.launcher: slurm``: the trainer submits each evaluation with
+    sbatch, keeps training, and logs the jobs' scores at their steps."""
+    from tests.conftest import write_tiny_recipe
+    from tests.training.test_downstream import write_task
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks)
+    run_dir = tmp_path / "run"
+    run_cli(["train", str(write_tiny_recipe(tmp_path, synthetic_data)), f"run_dir={run_dir}",
+             "training.train_steps=6", "training.eval_interval=0", "tst.bag_size=2",
+             "tst.superposition_steps=2", "evaluation.downstream.interval=2",
+             "evaluation.downstream.tasks=[tiny_mc]", f"evaluation.downstream.include_path={tasks}",
+             "evaluation.downstream.launcher=slurm", "evaluation.downstream.device=cpu",
+             "evaluation.downstream.slurm_args=[--time=10]"], env=cluster.env, timeout=900)
+    scores = read_metrics(run_dir, "downstream")
+    assert [r["step"] for r in scores] == [4, 6], read_metrics(run_dir, "event")
+    jobs = [(run_dir / "downstream" / f"step_000000{s}" / "slurm_job").read_text().strip()
+            for s in (4, 6)]
+    assert all(cluster.job(j)["JobState"] == "COMPLETED" for j in jobs)
