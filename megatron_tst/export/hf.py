@@ -255,20 +255,23 @@ def export_config(saved: SavedCheckpoint) -> RunConfig:
     return cfg
 
 
-def _prepare_outdir(outdir: Path, force: bool, checkpoint: Path) -> Path:
+def prepare_outdir(outdir: Path, force: bool, source: Path, *, what: str = "export",
+                   error: type = ExportError) -> Path:
+    """A new temporary directory beside ``outdir``, to be renamed to it once complete; refuses an
+    ``outdir`` that is a file, is not empty (unless ``force``), overlaps ``source`` (the
+    directory read) or holds the working directory."""
     if outdir.exists() and not outdir.is_dir():
-        raise ExportError(f"{outdir} exists and is a file; give a directory to write the model in")
+        raise error(f"{outdir} exists and is a file; give a directory to write in")
     if outdir.is_dir() and any(outdir.iterdir()) and not force:
-        raise ExportError(f"{outdir} exists and is not empty; give a new directory, or pass "
-                          f"--force to replace its contents")
-    resolved = outdir.resolve()
-    if resolved == checkpoint.resolve() or resolved in checkpoint.resolve().parents:
-        raise ExportError(f"{outdir} holds the checkpoint being exported; give another directory")
+        raise error(f"{outdir} exists and is not empty; give a new directory, or pass --force "
+                    f"to replace its contents")
+    resolved, read = outdir.resolve(), source.resolve()
+    if resolved == read or resolved in read.parents or read in resolved.parents:
+        raise error(f"{outdir} overlaps {source}, which the {what} reads; give another directory")
     if resolved == Path.cwd() or resolved in Path.cwd().parents:
-        raise ExportError(f"{outdir} is the working directory or holds it; give a directory "
-                          f"of its own for the model")
+        raise error(f"{outdir} is the working directory or holds it; give a directory of its own")
     resolved.parent.mkdir(parents=True, exist_ok=True)
-    tmp = resolved.with_name(f".{resolved.name}.export-{os.getpid()}")
+    tmp = resolved.with_name(f".{resolved.name}.{what}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
@@ -335,7 +338,7 @@ def export_checkpoint(target: str | Path, outdir: str | Path, *, force: bool = F
         raise ExportError(f"--dtype {dtype}: use one of {', '.join(DTYPE_NAMES)}")
     location = find_tokenizer(saved, tokenizer)
     outdir = Path(outdir)
-    tmp = _prepare_outdir(outdir, force, saved.path)
+    tmp = prepare_outdir(outdir, force, saved.path)
     warnings = [w for w in [saved.phase_warning()] if w]
     try:
         ids = write_tokenizer(location, tmp, model_max_length=cfg.model.seq_length)

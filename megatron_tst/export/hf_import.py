@@ -33,7 +33,8 @@ import torch
 
 from megatron_tst.config import RunConfig
 from megatron_tst.export.errors import ExportError
-from megatron_tst.export.hf import ARCHITECTURES, DTYPE_NAMES, Architecture, nope_layers
+from megatron_tst.export.hf import (ARCHITECTURES, DTYPE_NAMES, Architecture, nope_layers,
+                                    prepare_outdir)
 from megatron_tst.export.mapping import ModelShape, weight_map
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class _Shape:  # what nope_layers reads of a config
         return self
 
 
-def _resolved(model) -> dict:
+def resolved_model_keys(model) -> dict:
     """A recipe's model keys with its defaults resolved (as ``implied_model`` gives them)."""
     values = {k: getattr(model, k) for k in CHECKED_KEYS}
     values["num_query_groups"] = model.num_query_groups or model.num_attention_heads
@@ -297,7 +298,7 @@ def _resolved(model) -> dict:
 def model_mismatches(expected: dict, model, vocab: int, source: str) -> list[str]:
     """Every checked model key (and the vocabulary) where recipe ``model`` (vocabulary ``vocab``)
     differs from ``expected`` (``implied_model``, or a checkpoint's model section)."""
-    want, have = dict(expected), _resolved(model)
+    want, have = dict(expected), resolved_model_keys(model)
     if want.get("num_moe_experts"):
         have.pop("ffn_hidden_size")  # only the experts' size is a weight shape then
         want.pop("ffn_hidden_size", None)
@@ -410,7 +411,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, recipe: Optional[RunConfig
     if recipe is not None:
         check_recipe(hf, recipe, recipe.model.vocab_size or _entries(recipe) or tok_vocab)
     out = Path(out)
-    tmp = _prepare_out(out, force, hf.path)
+    tmp = prepare_outdir(out, force, hf.path, what="import", error=ImportError_)
     try:
         tokenizer = _copy_tokenizer(hf.path, tmp / TOKENIZER_DIR, out / TOKENIZER_DIR)
         cfg = recipe if recipe is not None else config_without_recipe(
@@ -454,26 +455,6 @@ def _padded(cfg: RunConfig, vocab: int) -> int:
 
     return padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                              cfg.parallel.tensor_model_parallel_size)
-
-
-def _prepare_out(out: Path, force: bool, source: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise ImportError_(f"{out} exists and is a file; give a directory for the checkpoint")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ImportError_(f"{out} exists and is not empty; give a new directory, or pass "
-                           f"--force to replace its contents")
-    resolved = out.resolve()
-    if resolved == source.resolve() or resolved in source.resolve().parents \
-            or source.resolve() in resolved.parents:
-        raise ImportError_(f"{out} overlaps the model directory {source}; give another directory")
-    if resolved == Path.cwd() or resolved in Path.cwd().parents:
-        raise ImportError_(f"{out} is the working directory or holds it; give a directory of "
-                           f"its own for the checkpoint")
-    resolved.parent.mkdir(parents=True, exist_ok=True)
-    tmp = resolved.with_name(f".{resolved.name}.import-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
 
 
 def _copy_tokenizer(src: Path, dst: Path, final: Path) -> Path:

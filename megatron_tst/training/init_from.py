@@ -82,11 +82,11 @@ def check(cfg: RunConfig, plan: RunPlan) -> InitSource:
 
 def _check_saved_model(saved, cfg: RunConfig, plan: RunPlan) -> None:
     from megatron_tst.config.schema import ModelConfig
-    from megatron_tst.export.hf_import import _resolved, model_mismatches
+    from megatron_tst.export.hf_import import resolved_model_keys, model_mismatches
     from megatron_tst.export.source import vocab_sizes
 
     model = {**vars(ModelConfig()), **saved.run_config.get("model", {})}
-    expected = _resolved(SimpleNamespace(**model))
+    expected = resolved_model_keys(SimpleNamespace(**model))
     vocab, padded = vocab_sizes(saved)
     expected["vocab_size"] = vocab
     problems = model_mismatches(expected, cfg.model, plan.vocab_size, f"{saved.path}")

@@ -61,6 +61,8 @@ def test_recipe_commands_then_training_from_the_model(tmp_path):
     doc = (REPO / "docs" / "hugging-face.md").read_text().split("## Import", 1)[1]
     documented = sorted(_commands_in(doc.split("\n## ", 1)[0], "megatron-tst import"))
     assert commands[1] in documented and len(documented) == 2, documented
+    readme = _commands_in((REPO / "README.md").read_text(), "megatron-tst import")
+    assert readme and readme <= set(documented), readme
     commands += [c for c in documented if c != commands[1]]
     for command in commands:
         result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
