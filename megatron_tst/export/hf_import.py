@@ -475,7 +475,6 @@ def write_checkpoint(hf: HFModel, cfg: RunConfig, root: Path, padded: int, token
 
     one = inference_config(cfg.to_dict(), "none", parallel={}, micro_batch_size=1,
                            model={"transformer_impl": "local", "moe_grouped_gemm": False})
-    one.checkpoint.dir = str(root)
     with megatron_state(one):
         plan = RunPlan.build(one).with_vocab(hf.vocab_size, padded=padded)
         models, _ = build_models(plan, half_precision_wrapper=False)

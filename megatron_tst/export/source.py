@@ -97,7 +97,8 @@ class TokenizerLocation:
 def find_tokenizer(saved: SavedCheckpoint, override: Optional[str] = None) -> TokenizerLocation:
     """The run's tokenizer: ``override`` if given; for the demo corpus the tokenizer trained into
     the run directory (found beside the checkpoint, ``<run_dir>/checkpoints/step_*``, or at the
-    run directory the config names); otherwise ``data.tokenizer.path``."""
+    run directory the config names); otherwise ``data.tokenizer.path``, or the file of that name
+    in ``tokenizer/`` beside the checkpoint (an import's copy, when the import was moved)."""
     data = saved.run_config.get("data", {})
     tok = data.get("tokenizer", {}) or {}
     eod_token = tok.get("eod_token")
@@ -122,6 +123,9 @@ def find_tokenizer(saved: SavedCheckpoint, override: Optional[str] = None) -> To
     if not path:
         raise CheckpointError(f"the run config stored in {saved.path} names no tokenizer "
                               f"(data.tokenizer.path); {fix}")
+    beside = saved.path.parent / "tokenizer" / Path(path).name  # an import's copy, moved with it
+    if not Path(path).exists() and beside.is_file():
+        path = str(beside)
     if not Path(path).exists():
         where = ("" if Path(path).is_absolute()
                  else f" (relative to the working directory {Path.cwd()})")

@@ -57,14 +57,16 @@ def test_import_matches_transformers_and_exports_back_bit_for_bit(arch, tmp_path
 
 
 def test_bf16_model_through_the_command_line(tmp_path):
-    """The command as docs/hugging-face.md gives it; bf16 weights stay bf16 and come back bitwise."""
+    """The command as docs/hugging-face.md gives it; bf16 weights stay bf16 and come back bitwise,
+    also after the checkpoint directory was moved."""
     hf_dir = save_hf_model(tmp_path / "hf", "qwen3", dtype=torch.bfloat16)
     out = run_cli(["import", str(hf_dir), "--out", str(tmp_path / "ckpt")]).stdout
     assert "Qwen3ForCausalLM" in out and "bfloat16" in out
     info = json.loads((tmp_path / "ckpt" / "import.json").read_text())
     assert info["params_dtype"] == "bfloat16" and info["source"] == str(hf_dir.resolve())
     assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
-    run_cli(["export", str(tmp_path / "ckpt"), str(tmp_path / "exported")])
+    (tmp_path / "ckpt").rename(tmp_path / "moved")  # its tokenizer copy moves with it
+    run_cli(["export", str(tmp_path / "moved"), str(tmp_path / "exported")])
     assert_same_files(hf_dir, tmp_path / "exported")
 
 
