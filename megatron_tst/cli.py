@@ -58,10 +58,11 @@ def _train(args) -> int:
     from megatron_tst.training.signals import EXIT_PREEMPTED, FAILED, PREEMPTED
     from megatron_tst.training.trainer import train
 
+    from megatron_tst.export import init_from
     from megatron_tst.training.checkpoint import SaveError
 
     try:
-        result = train(cfg, plan)
+        result = train(cfg, plan, initializer=init_from if cfg.checkpoint.init_from else None)
     except SaveError as err:  # the run stops; its previous checkpoint is intact
         print(f"megatron-tst: save error: {err}", file=sys.stderr)
         return 1

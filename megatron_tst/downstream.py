@@ -13,14 +13,12 @@ reads local task YAMLs (``--include-path``) and the Hub's caches only.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-RESULTS, FAILED = "results.json", "failed.json"
+from megatron_tst.training.downstream import FAILED, RESULTS, write_json
 
 
 def scores_of(results: dict) -> dict[str, float]:
@@ -36,12 +34,6 @@ def scores_of(results: dict) -> dict[str, float]:
             name = metric if filt in ("", "none") else f"{metric}_{filt}"
             scores[f"{task}/{name}"] = float(value)
     return scores
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate(a) -> dict:

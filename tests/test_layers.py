@@ -25,7 +25,7 @@ ALLOWED = {
                               "megatron_tst.models"},
 }
 APPLICATIONS = ("megatron_tst.export", "megatron_tst.evaluate", "megatron_tst.inspect",
-                "megatron_tst.study")
+                "megatron_tst.study", "megatron_tst.downstream")
 BELOW_APPLICATIONS = set(ALLOWED)
 for name in APPLICATIONS:  # the commands' modules: anything below, and export's checkpoint tools
     ALLOWED[name] = BELOW_APPLICATIONS | {"megatron_tst.export"}

@@ -1,5 +1,5 @@
 """``megatron-tst import HF_DIR --out DIR``: a Hugging Face model directory as a megatron-tst
-checkpoint, and ``checkpoint.init_from`` (``training/init_from.py``) built on it.
+checkpoint, and ``checkpoint.init_from`` (``export/init_from.py``) built on it.
 
 The architectures are the ones export writes (Llama, Qwen3, Qwen3-MoE, Mixtral, SmolLM3 with its
 NoPE layers), through the same table (``export/mapping.py``, each rule used backwards), so an

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_tst.config import ConfigError, RunConfig
-from megatron_tst.downstream import FAILED, RESULTS
 
 log = logging.getLogger(__name__)
 
+RESULTS, FAILED = "results.json", "failed.json"  # what an evaluation job leaves
 LOGGED = "logged"  # marker: the scores are in metrics.jsonl
 
 
@@ -228,7 +228,12 @@ def _in_queue(job: str) -> bool:
     return done.returncode == 0 and bool(done.stdout.strip())
 
 
-def _write_failed(out: Path, step: int, error: str) -> None:
-    from megatron_tst.downstream import write_json
+def write_json(path: Path, data: dict) -> None:
+    """``data`` as ``path``, written under a temporary name and renamed (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
+
+def _write_failed(out: Path, step: int, error: str) -> None:
     write_json(out / FAILED, {"step": step, "error": error})

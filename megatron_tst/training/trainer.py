@@ -30,7 +30,7 @@ from megatron_tst.plan import RunPlan
 from megatron_tst.training import async_save
 from megatron_tst.training import checkpoint as ckpt
 from megatron_tst.training import console
-from megatron_tst.training import failpoints, init_from
+from megatron_tst.training import failpoints
 from megatron_tst.training.distributed import init_distributed
 from megatron_tst.training.downstream import DownstreamEvals
 from megatron_tst.training.faults import nonfinite_step
@@ -69,7 +69,11 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, plan: Optional[RunPlan] = None):
+    """``initializer``: what reads ``checkpoint.init_from`` (``export/init_from.py``, given by the
+    CLI: it converts Hugging Face models, a layer above training), with ``check(cfg, plan)`` ->
+    source, ``prepare(source, cfg, rank)`` -> source and ``load(source, model_chunks)``."""
+
+    def __init__(self, cfg: RunConfig, plan: Optional[RunPlan] = None, initializer=None):
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
@@ -84,9 +88,12 @@ class Trainer:
         self.plan = (plan or RunPlan.build(cfg, self.env.world_size)).with_vocab(vocab, name)
         saved = ckpt.resolve_load_path(cfg)
         accepted = check_resume(saved, self.plan) if saved is not None else []
-        self.init = None  # checkpoint.init_from: a fresh run's weights (training/init_from.py)
-        if saved is None and cfg.checkpoint.init_from:
-            self.init = init_from.check(cfg, self.plan)
+        self.init, self.initializer = None, initializer  # checkpoint.init_from: a fresh run's
+        if saved is None and cfg.checkpoint.init_from:  # weights
+            if initializer is None:
+                raise ConfigError("is read by `megatron-tst train`, not by this caller",
+                                  key="checkpoint.init_from", value=cfg.checkpoint.init_from)
+            self.init = initializer.check(cfg, self.plan)
         self.data = build_run_data(cfg, self.plan.stream)
         if self.data.tokenizer.vocab_size != vocab:
             raise ConfigError(f"the run's tokenizer has {self.data.tokenizer.vocab_size:,} entries, "
@@ -97,7 +104,7 @@ class Trainer:
 
         chunks = [c.to(self.env.device) for c in build_model_chunks(cfg, self.plan)]
         if self.init is not None:
-            init_from.load(init_from.prepare(self.init, cfg, self.env.rank), chunks)
+            initializer.load(initializer.prepare(self.init, cfg, self.env.rank), chunks)
         self.num_params = sum(count_parameters(c) for c in chunks)
         self.model = [wrap_model(cfg, c, i) for i, c in enumerate(chunks)]
         self.optimizer = TrainingOptimizer(cfg, self.model)
@@ -456,8 +463,8 @@ class Trainer:
         return losses.get("loss")
 
 
-def train(cfg: RunConfig, plan: Optional[RunPlan] = None) -> TrainResult:
-    trainer = Trainer(cfg, plan)
+def train(cfg: RunConfig, plan: Optional[RunPlan] = None, initializer=None) -> TrainResult:
+    trainer = Trainer(cfg, plan, initializer)
     try:
         return trainer.fit()
     finally:  # an exception ends the loop too: the watchdog must not fire after it

@@ -1,5 +1,8 @@
 """``checkpoint.init_from``: a new run's weights from a Hugging Face model or a checkpoint.
 
+The CLI hands this module to the trainer (``Trainer(initializer=...)``), which calls ``check``
+when the run starts fresh, then ``prepare`` and ``load`` on its model chunks.
+
 Only a run that starts fresh uses it (no checkpoint to resume); a resumed run continues from its
 own checkpoints and never reads it again. The run starts at step 0 with fresh optimizer state and
 the recipe's schedule; only the model weights are taken.
