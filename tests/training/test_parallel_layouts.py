@@ -154,3 +154,29 @@ def test_layout_from_fresh_moments_matches_single_process(recipe, tmp_path_facto
             assert g["moe_load_balancing_loss"] == pytest.approx(e["moe_load_balancing_loss"],
                                                                  rel=1e-4)
             assert 0.9 < g["moe_load_balancing_loss"] < 2.0
+
+
+def test_a_save_holds_the_updated_weights_with_overlapped_param_gather(recipe, tmp_path_factory):
+    """With the distributed optimizer and ``overlap_param_gather`` each DP rank updates its
+    shard and the others receive it in the next forward; a save gathers first (as Megatron-LM
+    does), so the checkpoint's weights equal those of the same run without the overlap, bit
+    for bit."""
+    import torch
+
+    from megatron_tst.export.hf import one_process_model
+
+    root = tmp_path_factory.mktemp("overlap")
+    weights = {}
+    for overlap in ("true", "false"):
+        run_dir = root / overlap
+        run_cli(["train", str(recipe), f"run_dir={run_dir}", *COMMON, "training.train_steps=2",
+                 "tst.superposition_steps=1", "parallel.use_distributed_optimizer=true",
+                 "parallel.overlap_grad_reduce=true", f"parallel.overlap_param_gather={overlap}",
+                 "megatron.ddp={bucket_size: 8000}"], nproc=2)
+        with one_process_model(run_dir / "checkpoints") as (saved, _, model, _):
+            assert saved.step == 2
+            weights[overlap] = {k: v.clone() for k, v in model.state_dict().items()
+                                if not k.endswith("_extra_state")}
+    assert weights["true"].keys() == weights["false"].keys()
+    for key, value in weights["true"].items():
+        assert torch.equal(value, weights["false"][key]), key
