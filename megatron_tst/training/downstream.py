@@ -152,9 +152,10 @@ class DownstreamEvals:
             return ""
         return done.stdout.strip().split(";")[0]
 
-    def poll(self, metrics, wait: bool = False) -> None:
+    def poll(self, metrics, wait: bool = False, beat: Callable[[], None] = lambda: None) -> None:
         """Log the scores of finished evaluations (``wait``: every pending one, at most
-        ``wait_minutes``). The logging rank only."""
+        ``wait_minutes``, calling ``beat`` meanwhile: the hang watchdog). The logging rank
+        only."""
         if not self.active or not self.pending:
             return
         deadline = time.time() + 60 * self.d.wait_minutes
@@ -171,6 +172,7 @@ class DownstreamEvals:
                               f"still running after {self.d.wait_minutes} min: not waited for "
                               f"(a resumed run logs them)")
                 return
+            beat()
             time.sleep(1.0)
 
     def _finished(self, p: Pending) -> bool:

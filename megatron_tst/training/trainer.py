@@ -387,7 +387,7 @@ class Trainer:
         if outcome:  # an early exit: a resumed run logs or restarts them
             self.downstream.close()
         else:
-            self.downstream.poll(self.metrics, wait=True)
+            self.downstream.poll(self.metrics, wait=True, beat=self.watchdog.beat)
         ckpt.wait_for_removals()  # pruned checkpoints still being deleted
         self.metrics.close()
         status, reason, signal_name = outcome or (
