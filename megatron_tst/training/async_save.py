@@ -235,14 +235,20 @@ class BackgroundSaves:
                 if not abort:
                     raise
         self.unsent = None
-        caller = getattr(self.queue, "persistent_caller", None)
+        queue_type = type(self.queue)  # 0.16.1 keeps the caller on the queue, 0.19 on its class
+        caller = getattr(self.queue, "persistent_caller", None) or getattr(
+            queue_type, "_persistent_caller", None)
         self.queue.close(abort=abort)
         if caller is not None:
-            # 0.16.1: the closed caller's __del__ closes it again, asking torch.distributed for
-            # the rank, which fails once the process group is gone (a traceback can hold the
-            # caller until the interpreter exits): that second close does nothing now
+            # the closed caller's __del__ closes it again, asking torch.distributed for the rank,
+            # which fails (0.16.1) or warns (0.19) once the process group is gone, after the
+            # run's last message (a traceback or the class can hold the caller until the
+            # interpreter exits): that second close does nothing now
             caller.close = lambda abort=False: None
-            self.queue.persistent_caller = None
+            if getattr(self.queue, "persistent_caller", None) is caller:
+                self.queue.persistent_caller = None
+            if getattr(queue_type, "_persistent_caller", None) is caller:
+                queue_type._persistent_caller = None
 
 
 def _start_persistent_worker(queue) -> None:
