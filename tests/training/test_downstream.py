@@ -1,7 +1,7 @@
 """``evaluation.downstream``: lm-evaluation-harness on the weights while the run trains, offline,
 with a small multiple-choice task defined here from local files (a task YAML reading a local
 JSON file). The scores appear in metrics.jsonl and TensorBoard at the evaluated steps
-(superposition-phase steps skipped; wandb, offline, logs them too), and the final step's accuracy equals an independent computation with
+(superposition-phase steps skipped), and the final step's accuracy equals an independent computation with
 transformers on the final checkpoint's export (the log-likelihood of each choice after the
 question, as lm-evaluation-harness defines ``acc``)."""
 
@@ -68,8 +68,7 @@ def test_scores_are_logged_at_the_evaluated_steps(tiny_recipe, tmp_path):
              "training.eval_interval=0", "tst.bag_size=2", "tst.superposition_steps=2",
              "evaluation.downstream.interval=2", "evaluation.downstream.tasks=[tiny_mc]",
              f"evaluation.downstream.include_path={tasks}", "evaluation.downstream.limit=12",
-             "evaluation.downstream.batch_size=4", "logging.tensorboard=true",
-             "logging.wandb=true"], env={"WANDB_MODE": "offline"}, timeout=1200)
+             "evaluation.downstream.batch_size=4", "logging.tensorboard=true"], timeout=1200)
     scores = read_metrics(run_dir, "downstream")
     # step 2 is in the superposition phase: skipped; 4 and 6 (the last) evaluated
     assert [r["step"] for r in scores] == [4, 6], scores
