@@ -231,6 +231,7 @@ def save_model_checkpoint(cfg: RunConfig, models, train_state: TrainState, root:
 
     path = Path(root) / step_dir_name(train_state.step)
     if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)  # an earlier attempt (downstream weights)
         path.mkdir(parents=True)
     dist.barrier()
     state = {key: m.sharded_state_dict(metadata=SHARDING_METADATA)

@@ -104,13 +104,16 @@ class DownstreamEvals:
         """Save the weights into a checkpoint root (``save_weights``, a collective: every rank)
         and start their evaluation."""
         out = self.root / f"step_{step:07d}"
-        if self.active and out.exists():  # an earlier attempt at this step (a restarted job)
-            import shutil
-
-            shutil.rmtree(out)
-        save_weights(out / "weights")
-        if self.active:
+        if self.active:  # an earlier attempt at this step (a run resumed from before it)
+            for p in self.pending:
+                if p.step == step and p.process is not None and p.process.poll() is None:
+                    p.process.terminate()
+                    p.process.wait()
             self.pending = [p for p in self.pending if p.step != step]
+            for name in (RESULTS, FAILED, LOGGED, "slurm_job"):
+                (out / name).unlink(missing_ok=True)
+        save_weights(out / "weights")  # rank 0 replaces an earlier attempt's weights
+        if self.active:
             self._start(step, out, out / "weights")
 
     def _start(self, step: int, out: Path, weights: Path) -> None:
