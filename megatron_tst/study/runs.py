@@ -1,0 +1,231 @@
+"""A study's runs on disk: where each lives, how it is trained and evaluated, what it recorded.
+
+Layout under the study directory::
+
+    runs/steps<N>/<arm>/seed<S>/        one run: N optimizer steps, its own full schedule
+    runs/steps<N>/lr-sweep/lr<LR>/      the learning-rate sweep on the baseline
+        run.json                         what the run is (recipe, overrides): checked on reuse
+        metrics.jsonl, train.log         the trainer's
+        checkpoints/                     the final checkpoint, kept for re-evaluation
+        final_eval.json                  ``megatron-tst eval`` on the fixed held-out windows
+        DONE                             training finished
+
+Every run is the real trainer and the real evaluator, each a child process. A run with ``DONE``
+and a matching ``run.json`` is reused; an unfinished one is started again from scratch (the study
+owns these directories); a finished one whose evaluation is missing or unreadable is evaluated
+again from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_tst.config import ConfigError
+
+BASELINE = "baseline"
+BASELINE_OVERRIDES = ["tst.bag_size=1", "tst.ratio=null", "tst.superposition_steps=null"]
+
+
+def arm_name(s: int, r: float) -> str:
+    return f"tst-s{s}-r{r:g}"
+
+
+def tst_overrides(s: int, r: float) -> list[str]:
+    return [f"tst.bag_size={s}", f"tst.ratio={r}", "tst.superposition_steps=null"]
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    steps: int
+    arm_overrides: list[str]
+    common: list[str]  # the study's overrides for this run length (learning rate included)
+    run_dir: Path
+
+    @property
+    def identity(self) -> dict:
+        return {"arm": self.arm, "seed": self.seed, "steps": self.steps,
+                "arm_overrides": self.arm_overrides, "common": self.common}
+
+
+def run_dir(out: Path, steps: int, arm: str, seed: int) -> Path:
+    return out / "runs" / f"steps{steps}" / arm / f"seed{seed}"
+
+
+def sweep_dir(out: Path, steps: int, lr: float) -> Path:
+    return out / "runs" / f"steps{steps}" / "lr-sweep" / f"lr{lr:g}"
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON object from ``path``; None when it is missing, truncated or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ------------------------------------------------------------------------------------ running
+@dataclass
+class Launcher:
+    recipe: str
+    valid_prefix: str  # the held-out data every run's final evaluation reads
+    eval_tokens: Optional[int]  # a fixed prefix of it (None: all of it)
+    threads: int
+
+    def _env(self) -> dict:
+        return {**os.environ, "OMP_NUM_THREADS": str(self.threads), "WANDB_MODE": "disabled"}
+
+    def _child(self, run: Run, cmd: list[str], log: str) -> None:
+        with open(run.run_dir / log, "w") as f:
+            res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
+        if res.returncode:
+            raise RuntimeError(f"run {run.arm} seed {run.seed} ({run.steps} steps) failed in "
+                               f"{log.split('.')[0]} (exit {res.returncode}); see "
+                               f"{run.run_dir / log}")
+
+    def train(self, run: Run) -> None:
+        d = run.run_dir
+        if (d / "DONE").exists():
+            return
+        for stale in ("metrics.jsonl", "final_eval.json"):  # an interrupted run starts again
+            (d / stale).unlink(missing_ok=True)
+        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "run.json").write_text(json.dumps({"recipe": self.recipe, **run.identity},
+                                               indent=1) + "\n")
+        self._child(run, [
+            sys.executable, "-m", "megatron_tst.cli", "train", self.recipe, f"run_dir={d}",
+            f"name={run.arm}-seed{run.seed}-steps{run.steps}", f"seed={run.seed}",
+            "checkpoint.load=none", "checkpoint.save_interval=0", "checkpoint.save_final=true",
+            "checkpoint.keep_last=1", "logging.wandb=false", *run.common, *run.arm_overrides],
+            "train.log")
+        (d / "DONE").write_text("ok\n")
+
+    def evaluate(self, run: Run) -> None:
+        path = run.run_dir / "final_eval.json"
+        if valid_eval(read_json(path), run.steps) is not None:
+            return
+        tmp = path.with_name("final_eval.json.tmp")
+        cmd = [sys.executable, "-m", "megatron_tst.cli", "eval",
+               str(run.run_dir / "checkpoints"), "--data", self.valid_prefix, "--json", str(tmp)]
+        if self.eval_tokens:
+            cmd += ["--max-tokens", str(self.eval_tokens)]
+        self._child(run, cmd, "eval.log")
+        os.replace(tmp, path)
+
+    def __call__(self, run: Run) -> None:
+        self.train(run)
+        self.evaluate(run)
+
+    def check_reuse(self, run: Run) -> None:
+        """A finished run is reused only if it is the run asked for."""
+        if not (run.run_dir / "DONE").exists():
+            return
+        saved = read_json(run.run_dir / "run.json")
+        if saved is None or {**saved, "recipe": None} != {"recipe": None, **run.identity} \
+                or Path(saved["recipe"]).resolve() != Path(self.recipe).resolve():
+            raise ConfigError(
+                f"{run.run_dir} holds a finished run with other settings than this study asks "
+                f"for (its run.json: {saved}); give another --out, or the same recipe and "
+                f"overrides as before", key="--out", value=str(run.run_dir.parents[3]))
+
+
+def valid_eval(data: Optional[dict], steps: int) -> Optional[dict]:
+    """``final_eval.json``'s content if it is a finished evaluation of step ``steps``."""
+    if data is None or data.get("step") != steps or not isinstance(data.get("loss"), float):
+        return None
+    return data
+
+
+def run_all(launcher: Launcher, runs: list[Run], jobs: int) -> None:
+    for run in runs:  # all refusals before anything runs
+        launcher.check_reuse(run)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for fut in [pool.submit(launcher, r) for r in runs]:
+            fut.result()
+
+
+# ------------------------------------------------------------------------------------ reading
+@dataclass
+class RunRecord:
+    """What a finished run contributes to the study (``study.json``'s ``runs``)."""
+
+    arm: str
+    seed: int
+    steps: int
+    flops_per_step: float
+    final_loss: float  # next-token loss on the fixed held-out windows
+    eval_tokens: int
+    data_tokens: int
+    switch_step: Optional[int]
+    valid: list[dict] = field(default_factory=list)  # in-training validation {step, loss, flops}
+    phase1_tokens_per_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def read_run(run: Run) -> RunRecord:
+    with open(run.run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    train = [r for r in records if r["kind"] == "train"]
+    flops = train[0]["flops"] / train[0]["step"]  # cumulative FLOPs at the first logged step
+    final = valid_eval(read_json(run.run_dir / "final_eval.json"), run.steps)
+    if final is None:
+        raise RuntimeError(f"{run.run_dir / 'final_eval.json'} is missing or not the evaluation "
+                           f"of step {run.steps}")
+    sup = [r["tokens_per_s"] for r in train[2:] if r["phase"] == "superposition"]
+    std = [r["tokens_per_s"] for r in train[2:] if r["phase"] != "superposition"]
+    return RunRecord(
+        arm=run.arm, seed=run.seed, steps=run.steps, flops_per_step=flops,
+        final_loss=final["loss"], eval_tokens=final["tokens"],
+        data_tokens=train[-1]["data_tokens"],
+        switch_step=max((r["step"] for r in train if r["phase"] == "superposition"), default=None),
+        valid=[{"step": r["step"], "loss": r["loss"], "flops": r["step"] * flops}
+               for r in records if r["kind"] == "valid"],
+        phase1_tokens_per_s=_median(sup), tokens_per_s=_median(std))
+
+
+def _median(xs: list[float]) -> Optional[float]:
+    import statistics
+
+    return statistics.median(xs) if xs else None
+
+
+def finished_runs(out: Path, recipe: str, common_for) -> tuple[list[Run], list[Path]]:
+    """Every finished run under ``out/runs`` made with this recipe and ``common_for(steps)``
+    (earlier invocations' arms and seeds included), and the finished runs that were not."""
+    found, skipped, seen = [], [], set()
+    metas = [*(out / "runs").glob("steps*/*/seed*/run.json"),
+             *(out / "runs").glob("steps*/lr-sweep/lr*/run.json")]  # one is a baseline run
+    for meta in sorted(metas):
+        d = meta.parent
+        saved = read_json(meta)
+        if not (d / "DONE").exists() or saved is None:
+            continue
+        try:
+            run = Run(saved["arm"], int(saved["seed"]), int(saved["steps"]),
+                      list(saved["arm_overrides"]), list(saved["common"]), d)
+            same = (Path(saved["recipe"]).resolve() == Path(recipe).resolve()
+                    and run.common == common_for(run.steps))
+        except (KeyError, TypeError, ValueError):
+            same = False
+        if not same or valid_eval(read_json(d / "final_eval.json"), run.steps) is None:
+            if "lr-sweep" not in d.parts:  # the other learning rates are not skipped results
+                skipped.append(d)
+            continue
+        if (run.steps, run.arm, run.seed) not in seen:
+            seen.add((run.steps, run.arm, run.seed))
+            found.append(run)
+    return found, skipped

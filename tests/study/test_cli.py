@@ -1,0 +1,121 @@
+"""``megatron-tst study`` at smoke size: a real two-length sweep through the real trainer and
+evaluator, reuse, a second invocation that adds to the report, and bad input."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from megatron_tst.study.cli import parse_arm
+from tests.conftest import REPO, run_cli
+
+SMALL = ["--seeds", "1", "2", "--eval-points", "2", "schedule.warmup_steps=1"]
+
+
+@pytest.mark.newest_line
+@pytest.mark.timeout(3600)  # about 2 minutes on 2 quiet cores: 20 child processes
+def test_a_tiny_compute_sweep(tiny_recipe, tmp_path, synthetic_data):
+    out = tmp_path / "study"
+    args = ["study", str(tiny_recipe), "--out", str(out), "--arms", "s=2,r=0.5",
+            "--steps", "4", "6", "--jobs", "2", *SMALL]
+    res = run_cli(args, timeout=3000)
+    study = json.loads((out / "study.json").read_text())
+    runs = study["runs"]
+    assert sorted((r["steps"], r["arm"], r["seed"]) for r in runs) == sorted(
+        (n, a, s) for n in (4, 6) for a in ("baseline", "tst-s2-r0.5") for s in (1, 2))
+    # every final loss is over the same windows: the whole held-out set (EOD first)
+    valid_tokens = Path(synthetic_data["valid"] + ".bin").stat().st_size // 2
+    assert {r["eval_tokens"] for r in runs} == {valid_tokens}
+    for r in runs:
+        d = out / "runs" / f"steps{r['steps']}" / r["arm"] / f"seed{r['seed']}"
+        ev = json.loads((d / "final_eval.json").read_text())
+        assert ev["step"] == r["steps"] and ev["loss"] == r["final_loss"]
+        assert ev["data"].endswith(synthetic_data["valid"])
+        assert (d / "checkpoints" / "latest").exists()  # kept for re-evaluation
+        assert r["valid"][-1]["step"] == r["steps"]  # the in-training curve, for the plot
+    # each length has its own schedule: the TST switch at r * steps
+    assert {(r["steps"], r["switch_step"]) for r in runs if r["arm"] != "baseline"} == \
+        {(4, 2), (6, 3)}
+    assert set(study["lengths"]) == {"4", "6"}
+    gap = study["compute"]["tst-s2-r0.5"]
+    assert [p["steps"] for p in gap["points"]] == [4, 6]
+    assert all(p["lo"] < p["mean"] < p["hi"] for p in gap["points"])
+    assert gap["crossover"]["text"]
+    report = (out / "report.md").read_text()
+    assert "## 4 steps" in report and "## 6 steps" in report and "crosses zero" in report \
+        or "not within the sweep" in report
+    assert (out / "gap_vs_flops.png").stat().st_size > 10_000
+    assert (out / "loss_vs_flops.png").stat().st_size > 10_000
+    assert "report.md" in res.stdout
+
+    # A finished study is reused as it is; a damaged evaluation is made again from the kept
+    # checkpoint, and nothing is trained again.
+    d = out / "runs" / "steps4" / "baseline" / "seed1"
+    (d / "final_eval.json").write_text('{"step": 4, "lo')
+    trained = (d / "metrics.jsonl").stat().st_mtime_ns
+    run_cli(args, timeout=1200)
+    assert json.loads((out / "study.json").read_text())["runs"] == runs
+    assert (d / "metrics.jsonl").stat().st_mtime_ns == trained
+
+    # Another invocation with another arm adds to the report instead of replacing it (one new
+    # run: the baseline's is reused).
+    run_cli(["study", str(tiny_recipe), "--out", str(out), "--arms", "s=3,r=0.5", "--steps", "4",
+             *SMALL[:1], "1", *SMALL[3:]], timeout=1200)
+    again = json.loads((out / "study.json").read_text())
+    assert {(r["steps"], r["arm"], r["seed"]) for r in again["runs"]} == \
+        {(r["steps"], r["arm"], r["seed"]) for r in runs} | {(4, "tst-s3-r0.5", 1)}
+    assert "| tst-s2-r0.5 |" in (out / "report.md").read_text()
+
+    # The same directory with other settings: refused, naming the run, nothing trained.
+    res = run_cli([*args[:-1], "schedule.warmup_steps=2"], timeout=1200, check=False)
+    assert res.returncode == 2 and "with other settings" in res.stderr and "--out" in res.stderr
+
+
+def test_arms_are_read_strictly():
+    assert parse_arm("s=2,r=0.3") == (2, 0.3)
+    for bad, words in [("s=2", "cannot read"), ("s=1,r=0.3", "s >= 2"),
+                       ("s=2,r=1.5", "in (0, 1)"), ("s=2,r=0.3,q=1", "unknown keys"),
+                       ("2,0.3", "cannot read")]:
+        with pytest.raises(Exception, match=re.escape(words)):
+            parse_arm(bad)
+
+
+def test_bad_study_arguments_are_refused_before_anything_runs(tiny_recipe, tmp_path):
+    out = tmp_path / "study"
+    for extra, words in [(["--arms", "s=2,r=0.3", "--bag-sizes", "2"], "not both"),
+                         (["--steps", "1"], "not longer than the warmup"),
+                         (["--eval-tokens", "5"], "at least one window"),
+                         (["--arms", "s=2"], "s=BAG_SIZE,r=RATIO"),
+                         (["data.valid_paths=[]"], "one held-out indexed dataset")]:
+        res = run_cli(["study", str(tiny_recipe), "--out", str(out), *extra], timeout=300,
+                      check=False)
+        assert res.returncode == 2 and words in res.stderr, (extra, res.stderr)
+        assert not out.exists()
+
+
+def documented_study_commands() -> list[str]:
+    """Every ``megatron-tst study`` command the README, the docs and the recipes show."""
+    commands = []
+    for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"),
+                 *(REPO / "configs").glob("*.yaml")]:
+        text = re.sub(r"\\\n[#\s]*", " ", path.read_text())  # join continued lines
+        commands += [m.group(0) for m in re.finditer(r"megatron-tst study [^\n`]*", text)]
+    return commands
+
+
+def test_documented_study_commands_parse():
+    """The study commands users are shown take hours; their arguments are checked here."""
+    import argparse
+
+    from megatron_tst.study.cli import add_study_arguments, requested_arms
+
+    commands = documented_study_commands()
+    assert any("--steps" in c and "--arms" in c for c in commands), commands
+    for command in commands:
+        p = argparse.ArgumentParser(exit_on_error=False)
+        add_study_arguments(p)
+        args = p.parse_args(shlex.split(command.split("#")[0])[2:])
+        assert (REPO / args.recipe).is_file(), command
+        requested_arms(args)
