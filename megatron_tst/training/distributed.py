@@ -2,13 +2,23 @@
 
 Launched by ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment) or
 as a plain single process, which gets a one-rank group on a free local port.
+
+A worker of ``torchrun`` ends itself when its agent dies (:func:`watch_launcher`): torchrun
+starts its workers in sessions of their own and does not end them when it is killed, so a node
+whose agent is gone (kill -9, the OOM killer) kept training for the other nodes while the
+launcher restarted a new agent beside it (found on the two-node test cluster).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -18,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_tst.config import ConfigError, RunConfig
+
+log = logging.getLogger("megatron_tst")
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
         apply_cpu_compat()
         keep_freed_memory()
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
+        watch_launcher()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -89,6 +103,40 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
         )
     seed_everything(cfg.seed)
     return DistEnv(rank, world_size, local_rank, device, backend)
+
+
+_watching = False
+
+
+def watch_launcher(poll_s: float = 1.0) -> None:
+    """End this process and its children (SIGKILL to its process group, when it leads one as
+    torchrun's workers do) within ``poll_s`` of its parent's death: a daemon thread compares
+    ``os.getppid()`` with the parent at the start. The other ranks then fail in their next
+    collective, their agents end, and the launcher's in-job restart (or the scheduler) starts
+    every node again from the last checkpoint. ``exit_status.json`` stays ``running``: a crash."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.error("rank %s: the launcher that started this process (torchrun agent, pid %d) is "
+                  "gone: ending this rank and its children so that the other ranks fail fast "
+                  "and the job can restart from its last checkpoint", os.environ.get("RANK", "?"),
+                  parent)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def flight_recorder_env(run_dir: str, environ: Optional[dict] = None) -> dict:
