@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,8 @@ class Cluster:
 
     def daemon_logs(self) -> str:
         parts = []
-        for name in ("slurmctld", "slurmd"):
-            path = self.dir / "log" / f"{name}.log"
+        for path in [self.dir / "log" / "slurmctld.log",
+                     *sorted((self.dir / "log").glob("slurmd*.log"))]:
             if path.exists():
                 parts.append(f"--- {path} (tail)\n" + "\n".join(path.read_text().splitlines()[-15:]))
         return "\n".join(parts)
@@ -108,8 +109,10 @@ class Cluster:
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextmanager
+def local_cluster(nodes: int = 0, nproc: int = NPROC):
+    """A cluster started by local-cluster.sh in a temporary directory: this host as its one
+    node (``nodes=0``), or ``nodes`` nodes in namespaces; ``nproc`` workers per node."""
     directory = Path(tempfile.mkdtemp(prefix="tst-slurm-", dir="/tmp"))  # short socket paths
     work = directory / "work"  # the submit directory: logs/ and run directories
     (work / "logs").mkdir(parents=True)
@@ -118,17 +121,25 @@ def cluster():
            "LOCAL_CLUSTER_KILLWAIT": "60", "LOCAL_CLUSTER_REQUEUE_DELAY": "5",
            "LOCAL_CLUSTER_CPUS": "64"}  # a GPU node's cores: docs/data.md asks for 32 per task
     script = str(SLURM_DIR / "local-cluster.sh")
-    start = subprocess.run([script, "start", str(directory / "cluster")], env=env,
+    start = subprocess.run([script, "start", str(directory / "cluster"),
+                            *(["--nodes", str(nodes)] if nodes else [])], env=env,
                            capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, f"local cluster did not start:\n{start.stdout}\n{start.stderr}"
     env.update(SLURM_CONF=str(directory / "cluster" / "slurm.conf"), MEGATRON_TST_HOME=str(REPO),
-               MEGATRON_TST_PYTHON=sys.executable, MEGATRON_TST_NPROC_PER_NODE=str(NPROC),
+               MEGATRON_TST_PYTHON=sys.executable, MEGATRON_TST_NPROC_PER_NODE=str(nproc),
                WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     try:
+        assert start.returncode == 0, \
+            f"local cluster did not start:\n{start.stdout}\n{start.stderr}"
         yield Cluster(directory / "cluster", env, work)
     finally:
         subprocess.run([script, "stop", str(directory / "cluster")], env=env, timeout=180)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
