@@ -41,8 +41,7 @@ def evaluate(a) -> dict:
 
     out = Path(a.out)
     hf = out / "hf"
-    export_checkpoint(a.checkpoint, hf, force=True, dtype="float32" if a.device == "cpu"
-                      else a.dtype)
+    export_checkpoint(a.checkpoint, hf, force=True, dtype=a.dtype)  # as the trainer decided
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -37,6 +37,9 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-points", type=int, default=10, help="in-training validations per run")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side")
     p.add_argument("--threads", type=int, default=0, help="threads per run (0: cores / jobs)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs finished so far; start none (e.g. while "
+                        "another invocation trains)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
 
 
@@ -117,7 +120,13 @@ def run_study(a: argparse.Namespace) -> int:
     if a.lrs:
         sweep = [Run(BASELINE, a.seeds[0], lr_steps, BASELINE_OVERRIDES, common_for(lr_steps, lr),
                      sweep_dir(out, lr_steps, lr)) for lr in a.lrs]
-        run_all(launcher, sweep, a.jobs)
+        if a.report_only:
+            unfinished = [r.run_dir for r in sweep if not (r.run_dir / "final_eval.json").exists()]
+            if unfinished:
+                raise ConfigError(f"the learning-rate sweep has not finished ({unfinished[0]}): "
+                                  f"run the study without --report-only first",
+                                  key="--report-only", value=True)
+        run_all(launcher, sweep, a.jobs, start=not a.report_only)
         lr_results = {f"{lr:g}": read_run(r).final_loss for lr, r in zip(a.lrs, sweep)}
         chosen = a.lrs[min(range(len(a.lrs)), key=lambda i: lr_results[f"{a.lrs[i]:g}"])]
         print(f"learning rate sweep on the baseline ({lr_steps} steps): {lr_results} -> "
@@ -130,12 +139,15 @@ def run_study(a: argparse.Namespace) -> int:
                 if a.lrs and name == BASELINE and seed == a.seeds[0] and steps == lr_steps:
                     d = sweep_dir(out, steps, chosen)  # the sweep's run at the chosen rate
                 runs.append(Run(name, seed, steps, ov, common_for(steps), d))
-    run_all(launcher, runs, a.jobs)
+    run_all(launcher, runs, a.jobs, start=not a.report_only)
 
     found, skipped = finished_runs(out, a.recipe, common_for)
     for d in skipped:
         print(f"not in the report: {d} (made with other settings)")
     records = [read_run(r).to_json() for r in found]
+    if not records:
+        raise ConfigError(f"no finished run in {out / 'runs'} to report", key="--out",
+                          value=str(out))
     train_tokens = _corpus_tokens(cfg, shared)
     analysis = analyze(records, train_tokens)
     meta = {"recipe": a.recipe, "lengths": sorted({r["steps"] for r in records}),

@@ -22,9 +22,10 @@ def report_markdown(analysis: dict, meta: dict) -> str:
     lines = [
         f"# Equal-FLOPs study: {meta['recipe']}",
         "",
-        f"Learning rate {meta['lr']:g} (chosen on the baseline at {meta['lr_steps']} steps from "
-        f"{meta['lrs']}{': ' + str(meta['lr_sweep']) if meta['lr_sweep'] else ''}); "
-        f"training corpus {_f(meta['train_tokens'], ',')} tokens. Every run has its own full "
+        (f"Learning rate {meta['lr']:g} (chosen on the baseline at {meta['lr_steps']} steps, "
+         f"final loss per rate: {meta['lr_sweep']}). " if meta["lr_sweep"] else
+         f"Learning rate {meta['lr']:g} (the recipe's, not swept here). ") +
+        f"Training corpus {_f(meta['train_tokens'], ',')} tokens. Every run has its own full "
         f"schedule. Final loss: next-token loss of the final checkpoint on the same "
         f"{meta['eval_what']} for every arm and seed (`megatron-tst eval`), with its 95% "
         f"Student-t interval over seeds. Vs baseline: the paired difference over the seeds both "

@@ -147,9 +147,12 @@ def valid_eval(data: Optional[dict], steps: int) -> Optional[dict]:
     return data
 
 
-def run_all(launcher: Launcher, runs: list[Run], jobs: int) -> None:
+def run_all(launcher: Launcher, runs: list[Run], jobs: int, start: bool = True) -> None:
+    """Train and evaluate ``runs`` (``start``: else only check the finished ones)."""
     for run in runs:  # all refusals before anything runs
         launcher.check_reuse(run)
+    if not start:
+        return
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for fut in [pool.submit(launcher, r) for r in runs]:
             fut.result()

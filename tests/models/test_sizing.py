@@ -141,6 +141,15 @@ def test_inspect_of_the_cpu_demo_recipe_as_documented():
     assert bad.returncode == 2 and "--gpus 1, the default for a CPU recipe" in bad.stderr
 
 
+
+def test_inspect_of_the_cpu_study_recipe_needs_no_gpu_count_or_vocabulary(synthetic_data):
+    """A CPU recipe on indexed data (parallel.backend gloo) is planned for its own processes,
+    and the vocabulary comes from the tokenizer it names."""
+    report = json.loads(run_cli(["inspect", "configs/study-linux-doc-cpu.yaml", "--json",
+                                 f"data.tokenizer.path={synthetic_data['tokenizer']}"]).stdout)
+    assert report["layout"]["gpus"] == 1 and report["model"]["vocab"] == 96
+
+
 SHRINK = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
           "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=32",
           "model.vocab_size=null", "training.train_steps=4", "training.micro_batch_size=2",

@@ -68,6 +68,12 @@ def test_a_tiny_compute_sweep(tiny_recipe, tmp_path, synthetic_data):
         {(r["steps"], r["arm"], r["seed"]) for r in runs} | {(4, "tst-s3-r0.5", 1)}
     assert "| tst-s2-r0.5 |" in (out / "report.md").read_text()
 
+    # --report-only starts nothing: an arm that never ran is not in the report
+    run_cli(["study", str(tiny_recipe), "--out", str(out), "--arms", "s=4,r=0.5", "--steps", "4",
+             "6", "--report-only", *SMALL], timeout=600)
+    assert not (out / "runs" / "steps4" / "tst-s4-r0.5").exists()
+    assert json.loads((out / "study.json").read_text())["runs"] == again["runs"]
+
     # The same directory with other settings: refused, naming the run, nothing trained.
     res = run_cli([*args[:-1], "schedule.warmup_steps=2"], timeout=1200, check=False)
     assert res.returncode == 2 and "with other settings" in res.stderr and "--out" in res.stderr
@@ -88,7 +94,8 @@ def test_bad_study_arguments_are_refused_before_anything_runs(tiny_recipe, tmp_p
                          (["--steps", "1"], "not longer than the warmup"),
                          (["--eval-tokens", "5"], "at least one window"),
                          (["--arms", "s=2"], "s=BAG_SIZE,r=RATIO"),
-                         (["data.valid_paths=[]"], "one held-out indexed dataset")]:
+                         (["data.valid_paths=[]"], "one held-out indexed dataset"),
+                         (["--report-only"], "no finished run")]:
         res = run_cli(["study", str(tiny_recipe), "--out", str(out), *extra], timeout=300,
                       check=False)
         assert res.returncode == 2 and words in res.stderr, (extra, res.stderr)
