@@ -248,7 +248,7 @@ def test_the_documented_two_node_commands_run_as_written(tmp_path):
         assert "nodes tstlocaln1 tstlocaln2 at" in out, out
         job = re.search(r"Submitted batch job (\d+)", out).group(1)
         deadline = time.time() + 900
-        while time.time() < deadline and f" {job} " in f" {sh(export, 'squeue -h -o %i')} ":
+        while time.time() < deadline and job in sh(export, "squeue -h -o %i").split():
             time.sleep(2)
         out = sh(export, look)
         assert "node 0/2 on tstlocaln1" in out and "node 1/2 on tstlocaln2" in out, out
