@@ -299,9 +299,8 @@ def test_signal_after_a_periodic_checkpoint(cluster, reference):
     _assert_same_losses(run_dir, reference)
 
 
-def _worker_pids(run_dir: Path) -> dict[int, int]:
-    """{global rank: pid} of the training workers of ``run_dir`` on this machine."""
-    found = {}
+def _processes(run_dir: Path):
+    """(pid, command line, environment) of this machine's processes started for ``run_dir``."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -310,11 +309,18 @@ def _worker_pids(run_dir: Path) -> dict[int, int]:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"megatron_tst.cli" in cmd and f"run_dir={run_dir}".encode() in cmd \
-                and b"torch.distributed.run" not in cmd:
+        if f"run_dir={run_dir}".encode() in cmd:
+            yield int(proc.name), cmd, env
+
+
+def _worker_pids(run_dir: Path) -> dict[int, int]:
+    """{global rank: pid} of the training workers of ``run_dir`` on this machine."""
+    found = {}
+    for pid, cmd, env in _processes(run_dir):
+        if b"megatron_tst.cli" in cmd and b"torch.distributed.run" not in cmd:
             rank = [int(kv[5:]) for kv in env if kv.startswith(b"RANK=")]
-            if rank and (rank[0] not in found or int(proc.name) < found[rank[0]]):
-                found[rank[0]] = int(proc.name)  # the worker, not a helper it forked later
+            if rank and (rank[0] not in found or pid < found[rank[0]]):
+                found[rank[0]] = pid  # the worker, not a helper it forked later
     return found
 
 

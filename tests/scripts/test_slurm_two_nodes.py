@@ -33,8 +33,9 @@ import pytest
 
 from tests.conftest import REPO, read_metrics, run_cli
 from tests.scripts.test_slurm import (_MISSING, OVERRIDES, RECIPE, SLURM_DIR, STEPS,
-                                      SUPERPOSITION_STEPS, _assert_same_losses, _resumed_step,
-                                      _wait_for_step, _worker_pids, local_cluster, reference)
+                                      SUPERPOSITION_STEPS, _assert_same_losses, _processes,
+                                      _resumed_step, _wait_for_step, _worker_pids,
+                                      local_cluster, reference)
 
 pytestmark = [
     pytest.mark.slow,
@@ -69,15 +70,9 @@ def established(pid: int) -> set[tuple[str, str]]:
 
 def agent_pid(run_dir: Path, node: int) -> int:
     """The torchrun agent of ``node`` (SLURM_NODEID) for ``run_dir``."""
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"torch.distributed.run" in cmd and f"run_dir={run_dir}".encode() in cmd \
-                and f"SLURM_NODEID={node}".encode() in env:
-            return int(proc.name)
+    for pid, cmd, env in _processes(run_dir):
+        if b"torch.distributed.run" in cmd and f"SLURM_NODEID={node}".encode() in env:
+            return pid
     raise AssertionError(f"no torchrun agent of node {node} for {run_dir}")
 
 
