@@ -111,37 +111,26 @@ def run_study(a: argparse.Namespace) -> int:
     shared = _shared_data(cfg, out)
     launcher = Launcher(a.recipe, _valid_prefix(cfg, shared), a.eval_tokens, threads)
 
-    def common_for(steps: int, lr: Optional[float] = None) -> list[str]:
+    def common_for(steps: int, lr: float) -> list[str]:
+        """The overrides every run of ``steps`` steps shares."""
         return [*a.overrides, *shared, f"training.train_steps={steps}",
-                f"training.eval_interval={max(1, steps // a.eval_points)}",
-                f"optimizer.lr={chosen if lr is None else lr}"]
+                f"training.eval_interval={max(1, steps // a.eval_points)}", f"optimizer.lr={lr}"]
 
-    chosen, lr_results, lr_steps = cfg.optimizer.lr, {}, lengths[0]
+    lr_steps = lengths[0]
+    lr, lr_results = cfg.optimizer.lr, {}
     if a.lrs:
-        sweep = [Run(BASELINE, a.seeds[0], lr_steps, BASELINE_OVERRIDES, common_for(lr_steps, lr),
-                     sweep_dir(out, lr_steps, lr)) for lr in a.lrs]
-        if a.report_only:
-            unfinished = [r.run_dir for r in sweep if not (r.run_dir / "final_eval.json").exists()]
-            if unfinished:
-                raise ConfigError(f"the learning-rate sweep has not finished ({unfinished[0]}): "
-                                  f"run the study without --report-only first",
-                                  key="--report-only", value=True)
-        run_all(launcher, sweep, a.jobs, start=not a.report_only)
-        lr_results = {f"{lr:g}": read_run(r).final_loss for lr, r in zip(a.lrs, sweep)}
-        chosen = a.lrs[min(range(len(a.lrs)), key=lambda i: lr_results[f"{a.lrs[i]:g}"])]
-        print(f"learning rate sweep on the baseline ({lr_steps} steps): {lr_results} -> "
-              f"{chosen:g}", flush=True)
+        lr, lr_results = _sweep_learning_rate(a, launcher, out, lr_steps, common_for)
     runs = []
     for steps in lengths:
         for name, ov in arms.items():
             for seed in a.seeds:
                 d = run_dir(out, steps, name, seed)
                 if a.lrs and name == BASELINE and seed == a.seeds[0] and steps == lr_steps:
-                    d = sweep_dir(out, steps, chosen)  # the sweep's run at the chosen rate
-                runs.append(Run(name, seed, steps, ov, common_for(steps), d))
+                    d = sweep_dir(out, steps, lr)  # the sweep's run at the chosen rate
+                runs.append(Run(name, seed, steps, ov, common_for(steps, lr), d))
     run_all(launcher, runs, a.jobs, start=not a.report_only)
 
-    found, skipped = finished_runs(out, a.recipe, common_for)
+    found, skipped = finished_runs(out, a.recipe, lambda steps: common_for(steps, lr))
     for d in skipped:
         print(f"not in the report: {d} (made with other settings)")
     records = [read_run(r).to_json() for r in found]
@@ -149,26 +138,48 @@ def run_study(a: argparse.Namespace) -> int:
         raise ConfigError(f"no finished run in {out / 'runs'} to report", key="--out",
                           value=str(out))
     train_tokens = _corpus_tokens(cfg, shared)
-    analysis = analyze(records, train_tokens)
     meta = {"recipe": a.recipe, "lengths": sorted({r["steps"] for r in records}),
-            "lr": chosen, "lrs": a.lrs or [chosen], "lr_steps": lr_steps,
+            "lr": lr, "lrs": a.lrs or [lr], "lr_steps": lr_steps,
             "lr_sweep": lr_results, "train_tokens": train_tokens, "overrides": a.overrides,
             "valid_prefix": launcher.valid_prefix, "eval_tokens": records[0]["eval_tokens"],
             "eval_what": (f"first {a.eval_tokens:,} tokens of {launcher.valid_prefix}"
                           if a.eval_tokens else f"held-out set {launcher.valid_prefix} "
                           f"({records[0]['eval_tokens']:,} tokens)")}
+    _write_outputs(out, records, analyze(records, train_tokens), meta, Path(a.recipe).stem)
+    return 0
+
+
+def _sweep_learning_rate(a, launcher: Launcher, out: Path, steps: int,
+                         common_for) -> tuple[float, dict]:
+    """(the rate with the best final loss, {rate: final loss}) of the baseline's first seed."""
+    sweep = [Run(BASELINE, a.seeds[0], steps, BASELINE_OVERRIDES, common_for(steps, lr),
+                 sweep_dir(out, steps, lr)) for lr in a.lrs]
+    if a.report_only:
+        unfinished = [r.run_dir for r in sweep if not (r.run_dir / "final_eval.json").exists()]
+        if unfinished:
+            raise ConfigError(f"the learning-rate sweep has not finished ({unfinished[0]}): "
+                              f"run the study without --report-only first",
+                              key="--report-only", value=True)
+    run_all(launcher, sweep, a.jobs, start=not a.report_only)
+    results = {f"{lr:g}": read_run(r).final_loss for lr, r in zip(a.lrs, sweep)}
+    best = min(a.lrs, key=lambda lr: results[f"{lr:g}"])
+    print(f"learning rate sweep on the baseline ({steps} steps): {results} -> {best:g}",
+          flush=True)
+    return best, results
+
+
+def _write_outputs(out: Path, records: list[dict], analysis: dict, meta: dict,
+                   title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "study.json", json.dumps({"meta": meta, **analysis, "runs": records}, indent=1))
     report = report_markdown(analysis, meta)
     _write(out / "report.md", report)
-    title = Path(a.recipe).stem
     plot_loss(records, analysis, out / "loss_vs_flops.png", title)
     if analysis["compute"]:
         plot_gap(analysis, out / "gap_vs_flops.png", title)
     print(report)
     print(f"wrote {out / 'report.md'}, {out / 'study.json'}, {out / 'loss_vs_flops.png'}"
           + (f", {out / 'gap_vs_flops.png'}" if analysis["compute"] else ""))
-    return 0
 
 
 def _write(path: Path, text: str) -> None:
