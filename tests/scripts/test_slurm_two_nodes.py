@@ -39,6 +39,7 @@ from tests.scripts.test_slurm import (_MISSING, OVERRIDES, RECIPE, SLURM_DIR, ST
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(3600),  # a hang guard: 2-10 minutes each on 2 cores, more when loaded
     pytest.mark.skipif(bool(_MISSING), reason=f"Slurm is not installed ({', '.join(_MISSING)} "
                        f"missing): apt-get install -y slurm-wlm munge"),
 ]
