@@ -39,7 +39,11 @@ def test_freed_tensors_are_not_faulted_in_again():
     state, kept = faults("keep")
     assert untouched > 9 * PAGES_PER_ROUND / 2, untouched  # glibc unmaps each freed 64 MiB block
     assert state == "on"
-    assert kept <= 2 * PAGES_PER_ROUND, (kept, untouched)  # at most 2 of the 9 rounds
+    # Without the setting every one of the 9 rounds faults its 64 MiB in again. With it, most
+    # rounds reuse the freed block. Measured in fresh processes: 3.11, 1 round of 9 every time;
+    # 3.12, of 30 processes 22 faulted 1 round, 1 faulted 2 and 7 faulted 3 (a CI failure under
+    # the old bound of 2). The bound allows 5, still well apart from 9.
+    assert kept <= 5 * PAGES_PER_ROUND, (kept, untouched)
 
 
 def test_the_environment_can_keep_glibc_defaults_and_a_typo_is_refused():
