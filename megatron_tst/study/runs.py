@@ -6,14 +6,16 @@ Layout under the study directory::
     runs/steps<N>/lr-sweep/lr<LR>/      the learning-rate sweep on the baseline
         run.json                         what the run is (recipe, overrides): checked on reuse
         metrics.jsonl, train.log         the trainer's
-        checkpoints/                     the final checkpoint, kept for re-evaluation
+        checkpoints/                     the latest checkpoint (every tenth of the run; the
+                                         final one is kept for re-evaluation)
         final_eval.json                  ``megatron-tst eval`` on the fixed held-out windows
         DONE                             training finished
 
 Every run is the real trainer and the real evaluator, each a child process. A run with ``DONE``
-and a matching ``run.json`` is reused; an unfinished one is started again from scratch (the study
-owns these directories); a finished one whose evaluation is missing or unreadable is evaluated
-again from its checkpoint.
+and a matching ``run.json`` is reused; an interrupted one with a matching ``run.json`` resumes
+from its latest checkpoint (the trainer's resume is bitwise), any other unfinished one starts
+again from scratch (the study owns these directories); a finished one whose evaluation is missing
+or unreadable is evaluated again from its checkpoint.
 """
 
 from __future__ import annotations
@@ -86,27 +88,35 @@ class Launcher:
         return {**os.environ, "OMP_NUM_THREADS": str(self.threads), "WANDB_MODE": "disabled"}
 
     def _child(self, run: Run, cmd: list[str], log: str) -> None:
-        with open(run.run_dir / log, "w") as f:
+        with open(run.run_dir / log, "a") as f:  # a resumed run's log goes on
             res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
         if res.returncode:
             raise RuntimeError(f"run {run.arm} seed {run.seed} ({run.steps} steps) failed in "
                                f"{log.split('.')[0]} (exit {res.returncode}); see "
                                f"{run.run_dir / log}")
 
+    def _is_this_run(self, saved: Optional[dict], run: Run) -> bool:
+        return saved is not None and {**saved, "recipe": None} == {"recipe": None, **run.identity} \
+            and Path(str(saved.get("recipe"))).resolve() == Path(self.recipe).resolve()
+
     def train(self, run: Run) -> None:
         d = run.run_dir
         if (d / "DONE").exists():
             return
-        for stale in ("metrics.jsonl", "final_eval.json"):  # an interrupted run starts again
-            (d / stale).unlink(missing_ok=True)
-        shutil.rmtree(d / "checkpoints", ignore_errors=True)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "run.json").write_text(json.dumps({"recipe": self.recipe, **run.identity},
-                                               indent=1) + "\n")
+        (d / "final_eval.json").unlink(missing_ok=True)
+        if not self._is_this_run(read_json(d / "run.json"), run):  # not this run's: start again
+            (d / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "run.json").write_text(json.dumps({"recipe": self.recipe, **run.identity},
+                                                   indent=1) + "\n")
+        # else: an interrupted run, resumed from its latest checkpoint (none yet: from step 0);
+        # metrics.jsonl then holds the steps after that checkpoint twice (read_run keeps the last)
         self._child(run, [
             sys.executable, "-m", "megatron_tst.cli", "train", self.recipe, f"run_dir={d}",
             f"name={run.arm}-seed{run.seed}-steps{run.steps}", f"seed={run.seed}",
-            "checkpoint.load=none", "checkpoint.save_interval=0", "checkpoint.save_final=true",
+            f"checkpoint.dir={d / 'checkpoints'}", "checkpoint.load=auto",
+            f"checkpoint.save_interval={max(1, run.steps // 10)}", "checkpoint.save_final=true",
             "checkpoint.keep_last=1", "logging.wandb=false", *run.common, *run.arm_overrides],
             "train.log")
         (d / "DONE").write_text("ok\n")
@@ -132,8 +142,7 @@ class Launcher:
         if not (run.run_dir / "DONE").exists():
             return
         saved = read_json(run.run_dir / "run.json")
-        if saved is None or {**saved, "recipe": None} != {"recipe": None, **run.identity} \
-                or Path(saved["recipe"]).resolve() != Path(self.recipe).resolve():
+        if not self._is_this_run(saved, run):
             raise ConfigError(
                 f"{run.run_dir} holds a finished run with other settings than this study asks "
                 f"for (its run.json: {saved}); give another --out, or the same recipe and "
@@ -179,9 +188,23 @@ class RunRecord:
         return dict(self.__dict__)
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """``metrics.jsonl``'s records in step order, the last one of each kind and step kept (a
+    resumed run logs the steps after its checkpoint again); a line cut short by a crash is
+    skipped."""
+    latest: dict = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+                latest[(r["kind"], r["step"])] = r
+            except (ValueError, TypeError, KeyError):
+                continue
+    return sorted(latest.values(), key=lambda r: r["step"])
+
+
 def read_run(run: Run) -> RunRecord:
-    with open(run.run_dir / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(run.run_dir / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     flops = train[0]["flops"] / train[0]["step"]  # cumulative FLOPs at the first logged step
     final = valid_eval(read_json(run.run_dir / "final_eval.json"), run.steps)

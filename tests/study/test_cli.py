@@ -2,8 +2,13 @@
 evaluator, reuse, a second invocation that adds to the report, and bad input."""
 
 import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +82,51 @@ def test_a_tiny_compute_sweep(tiny_recipe, tmp_path, synthetic_data):
     # The same directory with other settings: refused, naming the run, nothing trained.
     res = run_cli([*args[:-1], "schedule.warmup_steps=2"], timeout=1200, check=False)
     assert res.returncode == 2 and "with other settings" in res.stderr and "--out" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 2 minutes on 2 quiet cores
+def test_a_killed_study_resumes_its_runs_from_their_checkpoints(tiny_recipe, tmp_path):
+    """kill -9 of the whole study after the TST run's switch; the next invocation resumes that run
+    from its latest checkpoint and reports what an uninterrupted study reports, bitwise."""
+    args = ["--arms", "s=2,r=0.5", "--steps", "20", "--seeds", "1", "--jobs", "1",
+            "--eval-points", "2", "schedule.warmup_steps=1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_cli(["study", str(tiny_recipe), "--out", str(whole), *args], timeout=3000)
+
+    tst = cut / "runs" / "steps20" / "tst-s2-r0.5" / "seed1"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_tst.cli", "study", str(tiny_recipe),
+                             "--out", str(cut), *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 3000
+    try:
+        while True:  # checkpoints every 2 steps, the switch at step 10
+            latest = tst / "checkpoints" / "latest"
+            text = latest.read_text().strip() if latest.exists() else ""
+            if text.startswith("step_") and 12 <= int(text[5:]) < 16:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint to cut at"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tst / "DONE").exists()
+
+    run_cli(["study", str(tiny_recipe), "--out", str(cut), *args], timeout=3000)
+    keys = ("arm", "final_loss", "eval_tokens", "valid", "switch_step")
+    assert [{k: r[k] for k in keys} for r in json.loads((cut / "study.json").read_text())["runs"]] \
+        == [{k: r[k] for k in keys} for r in json.loads((whole / "study.json").read_text())["runs"]]
+    logged = []
+    for line in (tst / "metrics.jsonl").open():
+        try:
+            logged.append(json.loads(line))
+        except ValueError:  # the line the kill cut short
+            pass
+    resumed = [r["step"] for r in logged
+               if r["kind"] == "event" and r["message"].startswith("resumed from")]
+    assert len(resumed) == 1 and 12 <= resumed[0] < 20, logged  # resumed, not started again
+    steps = [r["step"] for r in logged if r["kind"] == "train"]
+    assert steps.count(1) == 1 and max(steps) == 20, steps
 
 
 def test_arms_are_read_strictly():
