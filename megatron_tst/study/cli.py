@@ -131,8 +131,8 @@ def run_study(a: argparse.Namespace) -> int:
     run_all(launcher, runs, a.jobs, start=not a.report_only)
 
     found, skipped = finished_runs(out, a.recipe, lambda steps: common_for(steps, lr))
-    for d in skipped:
-        print(f"not in the report: {d} (made with other settings)")
+    for why in skipped:
+        print(f"not in the report: {why}")
     records = [read_run(r).to_json() for r in found]
     if not records:
         raise ConfigError(f"no finished run in {out / 'runs'} to report", key="--out",

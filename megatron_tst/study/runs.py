@@ -31,9 +31,16 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_tst.config import ConfigError
+from megatron_tst.config.errors import InputError
 
 BASELINE = "baseline"
 BASELINE_OVERRIDES = ["tst.bag_size=1", "tst.ratio=null", "tst.superposition_steps=null"]
+
+
+class StudyError(InputError):
+    """A study's run failed or its files are damaged: the message names the run and the fix."""
+
+    kind = "study error"
 
 
 def arm_name(s: int, r: float) -> str:
@@ -91,7 +98,7 @@ class Launcher:
         with open(run.run_dir / log, "a") as f:  # a resumed run's log goes on
             res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
         if res.returncode:
-            raise RuntimeError(f"run {run.arm} seed {run.seed} ({run.steps} steps) failed in "
+            raise StudyError(f"run {run.arm} seed {run.seed} ({run.steps} steps) failed in "
                                f"{log.split('.')[0]} (exit {res.returncode}); see "
                                f"{run.run_dir / log}")
 
@@ -142,11 +149,16 @@ class Launcher:
         if not (run.run_dir / "DONE").exists():
             return
         saved = read_json(run.run_dir / "run.json")
+        if saved is None:
+            raise StudyError(f"{run.run_dir} is marked finished (DONE) but its run.json is "
+                             f"missing or unreadable, so what it ran is unknown: delete that "
+                             f"directory to train the run again, or give another --out")
         if not self._is_this_run(saved, run):
             raise ConfigError(
                 f"{run.run_dir} holds a finished run with other settings than this study asks "
                 f"for (its run.json: {saved}); give another --out, or the same recipe and "
-                f"overrides as before", key="--out", value=str(run.run_dir.parents[3]))
+                f"overrides as before, or delete that directory to train it again",
+                key="--out", value=str(run.run_dir.parents[3]))
 
 
 def valid_eval(data: Optional[dict], steps: int) -> Optional[dict]:
@@ -193,7 +205,7 @@ def read_metrics(path: Path) -> list[dict]:
     resumed run logs the steps after its checkpoint again); a line cut short by a crash is
     skipped."""
     latest: dict = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a damaged line is skipped
         for line in f:
             try:
                 r = json.loads(line)
@@ -204,23 +216,39 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def read_run(run: Run) -> RunRecord:
-    records = read_metrics(run.run_dir / "metrics.jsonl")
-    train = [r for r in records if r["kind"] == "train"]
+    path = run.run_dir / "metrics.jsonl"
+    try:
+        records = read_metrics(path)
+    except OSError as err:
+        records, problem = [], f"cannot be read ({err.strerror})"
+    else:
+        problem = "holds no training record"
+    train = [r for r in records if r.get("kind") == "train" and isinstance(r.get("step"), int)
+             and r["step"] > 0 and isinstance(r.get("flops"), (int, float))]
+    if not train:
+        raise StudyError(f"{path} {problem}, but the run is marked finished: delete "
+                         f"{run.run_dir} to train that run again")
     flops = train[0]["flops"] / train[0]["step"]  # cumulative FLOPs at the first logged step
     final = valid_eval(read_json(run.run_dir / "final_eval.json"), run.steps)
     if final is None:
-        raise RuntimeError(f"{run.run_dir / 'final_eval.json'} is missing or not the evaluation "
-                           f"of step {run.steps}")
-    sup = [r["tokens_per_s"] for r in train[2:] if r["phase"] == "superposition"]
-    std = [r["tokens_per_s"] for r in train[2:] if r["phase"] != "superposition"]
-    return RunRecord(
-        arm=run.arm, seed=run.seed, steps=run.steps, flops_per_step=flops,
-        final_loss=final["loss"], eval_tokens=final["tokens"],
-        data_tokens=train[-1]["data_tokens"],
-        switch_step=max((r["step"] for r in train if r["phase"] == "superposition"), default=None),
-        valid=[{"step": r["step"], "loss": r["loss"], "flops": r["step"] * flops}
-               for r in records if r["kind"] == "valid"],
-        phase1_tokens_per_s=_median(sup), tokens_per_s=_median(std))
+        raise StudyError(f"{run.run_dir / 'final_eval.json'} is missing or not the evaluation "
+                         f"of step {run.steps}: run the study without --report-only to evaluate "
+                         f"the run again from its checkpoint")
+    try:
+        sup = [r["tokens_per_s"] for r in train[2:] if r["phase"] == "superposition"]
+        std = [r["tokens_per_s"] for r in train[2:] if r["phase"] != "superposition"]
+        return RunRecord(
+            arm=run.arm, seed=run.seed, steps=run.steps, flops_per_step=flops,
+            final_loss=final["loss"], eval_tokens=final["tokens"],
+            data_tokens=train[-1]["data_tokens"],
+            switch_step=max((r["step"] for r in train if r["phase"] == "superposition"),
+                            default=None),
+            valid=[{"step": r["step"], "loss": r["loss"], "flops": r["step"] * flops}
+                   for r in records if r["kind"] == "valid"],
+            phase1_tokens_per_s=_median(sup), tokens_per_s=_median(std))
+    except (KeyError, TypeError) as err:
+        raise StudyError(f"{path} has a record without {err} (damaged, or written by another "
+                         f"version): delete {run.run_dir} to train that run again") from None
 
 
 def _median(xs: list[float]) -> Optional[float]:
@@ -229,29 +257,31 @@ def _median(xs: list[float]) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
-def finished_runs(out: Path, recipe: str, common_for) -> tuple[list[Run], list[Path]]:
+def finished_runs(out: Path, recipe: str, common_for) -> tuple[list[Run], list[str]]:
     """Every finished run under ``out/runs`` made with this recipe and ``common_for(steps)``
-    (earlier invocations' arms and seeds included), and the finished runs that were not."""
+    (earlier invocations' arms and seeds included), and why each other finished run is not."""
     found, skipped, seen = [], [], set()
     metas = [*(out / "runs").glob("steps*/*/seed*/run.json"),
              *(out / "runs").glob("steps*/lr-sweep/lr*/run.json")]  # one is a baseline run
     for meta in sorted(metas):
         d = meta.parent
-        saved = read_json(meta)
-        if not (d / "DONE").exists() or saved is None:
+        if not (d / "DONE").exists():
             continue
+        saved = read_json(meta)
         try:
             run = Run(saved["arm"], int(saved["seed"]), int(saved["steps"]),
                       list(saved["arm_overrides"]), list(saved["common"]), d)
-            same = (Path(saved["recipe"]).resolve() == Path(recipe).resolve()
-                    and run.common == common_for(run.steps))
         except (KeyError, TypeError, ValueError):
-            same = False
-        if not same or valid_eval(read_json(d / "final_eval.json"), run.steps) is None:
-            if "lr-sweep" not in d.parts:  # the other learning rates are not skipped results
-                skipped.append(d)
+            skipped.append(f"{d} (its run.json is unreadable)")
             continue
-        if (run.steps, run.arm, run.seed) not in seen:
+        if Path(str(saved.get("recipe"))).resolve() != Path(recipe).resolve() \
+                or run.common != common_for(run.steps):
+            if "lr-sweep" not in d.parts:  # the other learning rates are not skipped results
+                skipped.append(f"{d} (made with other settings)")
+        elif valid_eval(read_json(d / "final_eval.json"), run.steps) is None:
+            skipped.append(f"{d} (its final_eval.json is missing or damaged: run the study "
+                           f"without --report-only to evaluate it again)")
+        elif (run.steps, run.arm, run.seed) not in seen:
             seen.add((run.steps, run.arm, run.seed))
             found.append(run)
     return found, skipped
