@@ -55,16 +55,30 @@ class Cluster:
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(cmd, env=self.env, cwd=self.work, capture_output=True, text=True,
                                 timeout=120)
-        if check and result.returncode:
+        if check:
+            self.check(cmd, result)
+        return result
+
+    def check(self, cmd, result: subprocess.CompletedProcess) -> None:
+        if result.returncode:
             raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
                                  f"{result.stdout}\n{result.stderr}\n{self.daemon_logs()}")
-        return result
 
     def sbatch(self, *args: str) -> str:
         return self.run("sbatch", "--parsable", *args).stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:
-        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        # A read-only query, so one retry: in one run on a loaded machine scontrol died of
+        # SIGPIPE (-13) twice before sending its request (slurmctld: "Zero Bytes were
+        # transmitted"), failing two tests that then passed when run again.
+        query = ("scontrol", "show", "job", "-o", job_id)
+        result = self.run(*query, check=False)
+        if result.returncode < 0:
+            print(f"{' '.join(query)}: killed by signal {-result.returncode}; asking again")
+            time.sleep(1)
+            result = self.run(*query, check=False)
+        self.check(query, result)
+        out = result.stdout
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
     def job_log(self, job_id: str) -> str:
@@ -231,10 +245,12 @@ def test_requeue_resumes_from_checkpoint_with_uninterrupted_losses(cluster, refe
           f"final validation loss {got['valid']}")
 
 
-def test_time_limit_warning_saves_and_requeues(cluster):
-    """The real --signal=B:USR1@T warning: the batch shell forwards SIGUSR1, the trainer saves, the
-    script requeues the job itself; the test then lifts the time limit so the rerun can finish."""
-    run_dir = cluster.work / "timelimit"
+def time_limited_run(cluster: Cluster, run_dir: Path, *sbatch_args: str,
+                     timeout: float = 300) -> tuple[str, str]:
+    """Submit a 400-step run with the real ``--time=2 --signal=B:USR1@60`` warning; wait for the
+    requeue its script does, lift the time limit so the rerun can finish, and check the whole
+    story: saved at the warning, requeued once, resumed at that step, every step logged once.
+    Returns the job id and its log."""
     # Slurm checks time limits every 30 s and sends the warning once at most warn + 30 s are
     # left: 30-60 s into this 2-minute job, while 400 steps (~80 s) still run.
     steps = 400
@@ -242,15 +258,16 @@ def test_time_limit_warning_saves_and_requeues(cluster):
     overrides = [f"training.train_steps={steps}", "training.micro_batch_size=8",
                  "training.eval_interval=0", "checkpoint.save_interval=0", "logging.wandb=false",
                  f"run_dir={run_dir}"]
-    job_id = cluster.sbatch("--job-name=timelimit", "--time=2", "--signal=B:USR1@60",
-                            str(SLURM_DIR / "train.sbatch"), RECIPE, *overrides)
-    cluster.wait(job_id, lambda j: j["Restarts"] == "1", "requeued by its script", timeout=240)
-    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=15")
-    job = cluster.wait_done(job_id)
+    job_id = cluster.sbatch(*sbatch_args, "--job-name=timelimit", "--time=2",
+                            "--signal=B:USR1@60", str(SLURM_DIR / "train.sbatch"), RECIPE,
+                            *overrides)
+    cluster.wait(job_id, lambda j: j["Restarts"] == "1", "requeued by its script",
+                 timeout=timeout)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=20")
+    job = cluster.wait_done(job_id, timeout=3 * timeout)
     log = cluster.job_log(job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", cluster.diagnose(job_id)
     assert "train.sbatch: " in log and "SIGUSR1 received" in log
-    assert "signal-agents.sh: SIGUSR1 sent to 1 agent(s)" in log  # to torchrun, not the step
     stopped = re.search(rf"exit status: preempted at step (\d+) of {steps} \(signal SIGUSR1", log)
     assert stopped, log
     stopped = int(stopped.group(1))
@@ -261,6 +278,14 @@ def test_time_limit_warning_saves_and_requeues(cluster):
     status = json.loads((run_dir / "exit_status.json").read_text())
     assert status["status"] == "finished" and status["step"] == steps
     print(f"time-limit test: SIGUSR1 warning stopped the run at step {stopped}, resumed there")
+    return job_id, log
+
+
+def test_time_limit_warning_saves_and_requeues(cluster):
+    """The real --signal=B:USR1@T warning: the batch shell forwards SIGUSR1, the trainer saves, the
+    script requeues the job itself; the test then lifts the time limit so the rerun can finish."""
+    _, log = time_limited_run(cluster, cluster.work / "timelimit")
+    assert "signal-agents.sh: SIGUSR1 sent to 1 agent(s)" in log  # to torchrun, not the step
 
 
 def test_submit_chains_the_two_phases(cluster, reference):

@@ -35,7 +35,7 @@ from tests.conftest import REPO, read_metrics, run_cli
 from tests.scripts.test_slurm import (_MISSING, OVERRIDES, RECIPE, SLURM_DIR, STEPS,
                                       SUPERPOSITION_STEPS, _assert_same_losses, _processes,
                                       _resumed_step, _wait_for_step, _worker_pids,
-                                      local_cluster, reference)
+                                      local_cluster, reference, time_limited_run)
 
 pytestmark = [
     pytest.mark.slow,
@@ -138,26 +138,9 @@ def test_requeue_in_the_superposition_phase_resumes_on_both_nodes(cluster, refer
 
 
 def test_time_limit_warning_reaches_both_agents_and_requeues(cluster):
-    run_dir = cluster.work / "timelimit"
-    steps = 400
-    overrides = [f"training.train_steps={steps}", "training.micro_batch_size=8",
-                 "training.eval_interval=0", "checkpoint.save_interval=0", "logging.wandb=false",
-                 f"run_dir={run_dir}"]
-    job_id = cluster.sbatch("--nodes=2", "--job-name=timelimit", "--time=2",
-                            "--signal=B:USR1@60", str(SLURM_DIR / "train.sbatch"), RECIPE,
-                            *overrides)
-    cluster.wait(job_id, lambda j: j["Restarts"] == "1", "requeued by its script", timeout=400)
-    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=20")
-    job = cluster.wait_done(job_id, timeout=900)
-    log = cluster.job_log(job_id)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", cluster.diagnose(job_id)
+    _, log = time_limited_run(cluster, cluster.work / "timelimit", "--nodes=2", timeout=400)
     for node in NODES:
         assert f"signal-agents.sh: SIGUSR1 sent to 1 agent(s) on {node}" in log, log
-    stopped = re.search(rf"exit status: preempted at step (\d+) of {steps} \(signal SIGUSR1", log)
-    assert stopped, log
-    assert f"requeueing job {job_id} to resume from step {stopped.group(1)}" in log
-    assert _resumed_step(run_dir) == int(stopped.group(1))
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
 
 
 def test_a_killed_agent_ends_both_nodes_and_the_job_restarts_itself(cluster, reference):
