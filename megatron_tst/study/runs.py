@@ -99,8 +99,9 @@ class Launcher:
             res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env())
         if res.returncode:
             raise StudyError(f"run {run.arm} seed {run.seed} ({run.steps} steps) failed in "
-                               f"{log.split('.')[0]} (exit {res.returncode}); see "
-                               f"{run.run_dir / log}")
+                             f"{log.split('.')[0]} (exit {res.returncode}); see "
+                             f"{run.run_dir / log}, then run the study again: it goes on "
+                             f"from that run's latest checkpoint")
 
     def _is_this_run(self, saved: Optional[dict], run: Run) -> bool:
         return saved is not None and {**saved, "recipe": None} == {"recipe": None, **run.identity} \

@@ -75,3 +75,14 @@ def test_a_damaged_evaluation_or_log_is_named_with_its_fix(tmp_path):
     # a run made with another recipe is reported as such, not as damaged
     assert finished_runs(tmp_path, "other.yaml", lambda steps: run.common)[1] == [
         f"{run.run_dir} (made with other settings)"]
+
+
+def test_a_failed_run_names_its_log(tmp_path):
+    """The trainer refuses a missing recipe: the study says which run failed and where to look."""
+    d = run_dir(tmp_path, 10, BASELINE, 1)
+    run = Run(BASELINE, 1, 10, BASELINE_OVERRIDES, [], d)
+    with pytest.raises(StudyError, match=rf"run baseline seed 1 \(10 steps\) failed in train "
+                       rf"\(exit 2\); see {d / 'train.log'}"):
+        Launcher(str(tmp_path / "missing.yaml"), "valid", None, 1).train(run)
+    assert "missing.yaml" in (d / "train.log").read_text()
+    assert not (d / "DONE").exists()
