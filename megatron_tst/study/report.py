@@ -61,10 +61,7 @@ def report_markdown(analysis: dict, meta: dict) -> str:
         lines.append("")
         for arm, c in analysis["compute"].items():
             x = c["crossover"]
-            bounds = ""
-            if x["lo_flops"] or x["hi_flops"]:
-                bounds = (f" (TST significantly behind below {_f(x['lo_flops'], '.3g', 'the sweep')}"
-                          f", significantly ahead above {_f(x['hi_flops'], '.3g', 'the sweep')})")
+            bounds = f" (95%: TST {x['significance']})" if x.get("significance") else ""
             lines.append(f"- {arm}: {x['text']}{bounds}.")
     return "\n".join(lines) + "\n"
 

@@ -147,6 +147,8 @@ def crossover(points: list[dict]) -> dict:
            "lo_flops": zero_crossing([(p["flops"], p["lo"]) for p in pts]) if bounds else None,
            # ... above this compute it is better (the upper bound below zero)
            "hi_flops": zero_crossing([(p["flops"], p["hi"]) for p in pts]) if bounds else None}
+    out["significance"] = (_significance(pts, out["lo_flops"], out["hi_flops"])
+                           if bounds and len(pts) >= 2 else None)
     if at is not None:
         out["text"] = f"gap crosses zero at {at:.3g} FLOPs"
     elif len(pts) < 2:
@@ -158,6 +160,20 @@ def crossover(points: list[dict]) -> dict:
         out["text"] = (f"not within the sweep: TST is behind at every length "
                        f"(up to {pts[-1]['flops']:.3g} FLOPs)")
     return out
+
+
+def _significance(pts: list[dict], lo_at: Optional[float], hi_at: Optional[float]) -> str:
+    """Where the 95% interval excludes zero: TST significantly behind (lower bound above zero),
+    significantly ahead (upper bound below zero)."""
+    def side(key: str, sign: int, word: str, at: Optional[float]) -> str:
+        inside = [sign * p[key] > 0 for p in pts]
+        if all(inside):
+            return f"significantly {word} at every length"
+        if at is None:
+            return f"never significantly {word}"
+        return f"significantly {word} {'below' if inside[0] else 'above'} {at:.3g} FLOPs"
+
+    return f"{side('lo', 1, 'behind', lo_at)}; {side('hi', -1, 'ahead', hi_at)}"
 
 
 def analyze(runs: list[dict], train_tokens: Optional[int] = None) -> dict:

@@ -76,6 +76,8 @@ def test_a_sweep_with_a_crossover():
     lo_frac, hi_frac = (0.10 - half) / 0.20, (0.10 + half) / 0.20
     assert x["lo_flops"] == pytest.approx(1e12 * 4 ** lo_frac)
     assert x["hi_flops"] == pytest.approx(1e12 * 4 ** hi_frac)
+    assert x["significance"] == (f"significantly behind below {1e12 * 4 ** lo_frac:.3g} FLOPs; "
+                                 f"significantly ahead above {1e12 * 4 ** hi_frac:.3g} FLOPs")
     # across lengths: the arm's 4.1 at 1000 steps is worse than every baseline (bound); its 3.5
     # at 4000 better than every baseline (bound)
     assert rows["tst-s2-r0.3"]["speedup_frontier"] is None
@@ -101,8 +103,21 @@ def test_no_crossover_within_the_sweep():
     x = crossover(ahead)
     assert x["flops"] is None and "ahead at every length" in x["text"]
     assert x["hi_flops"] == pytest.approx(1e12)  # the upper bound reaches zero at the first
+    assert x["significance"] == ("never significantly behind; significantly ahead above 1e+12 "
+                                 "FLOPs")
     behind = [{**p, "mean": -p["mean"], "lo": -p["hi"], "hi": -p["lo"]} for p in ahead]
     assert "behind at every length" in crossover(behind)["text"]
+    assert crossover(behind)["significance"] == ("significantly behind above 1e+12 FLOPs; never "
+                                                 "significantly ahead")
+    # the CPU study's s=2 at 1500 and 3000 steps: behind at the first, not significant at the second
+    cpu = [{"flops": 3.53e13, "mean": 0.131, "lo": 0.070, "hi": 0.193, "steps": 1500},
+           {"flops": 7.07e13, "mean": 0.074, "lo": -0.031, "hi": 0.179, "steps": 3000}]
+    x = crossover(cpu)
+    assert x["flops"] is None and "behind at every length" in x["text"]
+    assert x["significance"].startswith("significantly behind below ") and \
+        x["significance"].endswith("; never significantly ahead")
+    assert crossover([{**p, "lo": p["lo"] + 0.1} for p in cpu])["significance"] == \
+        "significantly behind at every length; never significantly ahead"
     one = crossover(ahead[:1])
     assert one["flops"] is None and "one length" in one["text"]
 
