@@ -31,6 +31,10 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="learning rates tried on the baseline (first seed, shortest length); "
                         "the best final loss is used for every arm. Default: optimizer.lr")
+    p.add_argument("--lr-steps", type=int, default=None,
+                   help="run length of the learning-rate sweep (default: the shortest of "
+                        "--steps); give an earlier invocation's (with its first seed and --lrs) "
+                        "to reuse that sweep, e.g. when adding seeds at one length")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help="final evaluation on the first N tokens of the held-out data "
                         "(default: all of it)")
@@ -98,11 +102,15 @@ def run_study(a: argparse.Namespace) -> int:
     cfg = load_config(a.recipe, a.overrides)
     arms = requested_arms(a)
     lengths = sorted(set(a.steps or [cfg.training.train_steps]))
-    for n in lengths:
+    lr_steps = lengths[0] if a.lr_steps is None else a.lr_steps
+    for key, n in [*(("--steps", n) for n in lengths), ("--lr-steps", lr_steps)]:
         if n <= cfg.schedule.warmup_steps:
             raise ConfigError(f"a run of {n} steps is not longer than the warmup "
                               f"(schedule.warmup_steps={cfg.schedule.warmup_steps})",
-                              key="--steps", value=n)
+                              key=key, value=n)
+    if a.lr_steps is not None and not a.lrs:
+        raise ConfigError("--lr-steps is the length of the learning-rate sweep: give the rates "
+                          "with --lrs too", key="--lr-steps", value=a.lr_steps)
     if a.eval_tokens is not None and a.eval_tokens < cfg.model.seq_length + 1:
         raise ConfigError(f"must be at least one window of model.seq_length + 1 = "
                           f"{cfg.model.seq_length + 1} tokens", key="--eval-tokens",
@@ -116,7 +124,6 @@ def run_study(a: argparse.Namespace) -> int:
         return [*a.overrides, *shared, f"training.train_steps={steps}",
                 f"training.eval_interval={max(1, steps // a.eval_points)}", f"optimizer.lr={lr}"]
 
-    lr_steps = lengths[0]
     lr, lr_results = cfg.optimizer.lr, {}
     if a.lrs:
         lr, lr_results = _sweep_learning_rate(a, launcher, out, lr_steps, common_for)

@@ -129,6 +129,28 @@ def test_a_killed_study_resumes_its_runs_from_their_checkpoints(tiny_recipe, tmp
     assert steps.count(1) == 1 and max(steps) == 20, steps
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 1 minute on 2 quiet cores: 7 runs
+def test_seeds_added_at_one_length_reuse_the_learning_rate_sweep(tiny_recipe, tmp_path):
+    out = tmp_path / "study"
+    common = ["study", str(tiny_recipe), "--out", str(out), "--arms", "s=2,r=0.5", "--jobs", "2",
+              "--lrs", "1e-3", "2e-3", "--eval-points", "2", "schedule.warmup_steps=1"]
+    run_cli([*common, "--steps", "4", "6", "--seeds", "1"], timeout=3000)
+    sweep = sorted((out / "runs" / "steps4" / "lr-sweep").glob("lr*/metrics.jsonl"))
+    trained = [p.stat().st_mtime_ns for p in sweep]
+    assert len(sweep) == 2
+
+    # more seeds at 6 steps only: the sweep at 4 steps is reused, not run again at 6
+    run_cli([*common, "--steps", "6", "--lr-steps", "4", "--seeds", "1", "2"], timeout=3000)
+    assert not (out / "runs" / "steps6" / "lr-sweep").exists()
+    assert [p.stat().st_mtime_ns for p in sweep] == trained
+    study = json.loads((out / "study.json").read_text())
+    assert study["meta"]["lr_steps"] == 4
+    assert sorted((r["steps"], r["arm"], r["seed"]) for r in study["runs"]) == sorted(
+        [(4, "baseline", 1), (4, "tst-s2-r0.5", 1)]
+        + [(6, a, s) for a in ("baseline", "tst-s2-r0.5") for s in (1, 2)])
+
+
 def test_arms_are_read_strictly():
     assert parse_arm("s=2,r=0.3") == (2, 0.3)
     for bad, words in [("s=2", "cannot read"), ("s=1,r=0.3", "s >= 2"),
@@ -142,6 +164,8 @@ def test_bad_study_arguments_are_refused_before_anything_runs(tiny_recipe, tmp_p
     out = tmp_path / "study"
     for extra, words in [(["--arms", "s=2,r=0.3", "--bag-sizes", "2"], "not both"),
                          (["--steps", "1"], "not longer than the warmup"),
+                         (["--lrs", "1e-3", "--lr-steps", "1"], "not longer than the warmup"),
+                         (["--lr-steps", "10"], "give the rates with --lrs"),
                          (["--eval-tokens", "5"], "at least one window"),
                          (["--arms", "s=2"], "s=BAG_SIZE,r=RATIO"),
                          (["data.valid_paths=[]"], "one held-out indexed dataset"),
