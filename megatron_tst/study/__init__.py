@@ -4,8 +4,8 @@ Every run is the real trainer (``megatron-tst train``) on one base recipe, with 
 batch of latent positions, model and schedule; only the ``tst.*`` keys differ between arms (and
 the seed between repeats). The learning rate is chosen on the baseline (``--lrs``, at the
 shortest length or ``--lr-steps``). Each run keeps its final checkpoint, and its final loss is
-measured by ``megatron-tst eval`` on the same held-out windows for every arm and seed: the whole validation
-set, or its first ``--eval-tokens`` tokens.
+measured by ``megatron-tst eval`` on the same held-out windows for every arm and seed: the whole
+validation set, or its first ``--eval-tokens`` tokens.
 
     megatron-tst study configs/demo-cpu.yaml --out runs/study-demo --bag-sizes 2 4 \\
         --ratios 0.2 0.4 --seeds 1 2 3 --jobs 2

@@ -29,7 +29,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the recipe's training.train_steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--lrs", type=float, nargs="+", default=None,
-                   help="learning rates tried on the baseline (first seed, shortest length); "
+                   help="learning rates tried on the baseline (first seed, at --lr-steps); "
                         "the best final loss is used for every arm. Default: optimizer.lr")
     p.add_argument("--lr-steps", type=int, default=None,
                    help="run length of the learning-rate sweep (default: the shortest of "
