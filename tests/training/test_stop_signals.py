@@ -1,5 +1,5 @@
 """megatron's checkpoint helper processes ignore the stop signals from their first instruction
-(``megatron_patches.stop_signals_ignored_by_new_processes``): a SIGTERM to every process of the
+(``training.signals.stop_signals_ignored_by_new_processes``): a SIGTERM to every process of the
 job while one is still importing would otherwise kill it, and the save waiting on it would hang."""
 
 from __future__ import annotations
@@ -7,10 +7,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 
-from megatron_tst.compat.megatron_patches import (STOP_SIGNALS,
-                                                  stop_signals_ignored_by_new_processes)
+from megatron_tst.training.signals import STOP_SIGNALS, stop_signals_ignored_by_new_processes
+from tests.conftest import REPO
 
 
 def ignored_signals(pid: int) -> set[int]:
@@ -55,3 +57,20 @@ def test_this_process_gets_its_handlers_and_signal_mask_back():
         assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_the_results_queue_process_starts_without_importing_torch():
+    """The process megatron's write results come back through (``async_save.start_results_queue``)
+    imports only what unpickling its initializer needs: every run with checkpoints waits for
+    its start, and importing torch there cost two seconds of each."""
+    code = """
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron_tst.training import async_save
+async_save.start_results_queue()
+manager = filesystem_async._results_queue._manager
+with open(f"/proc/{manager._process.pid}/maps") as f:
+    print("libtorch" in f.read(), manager._process.is_alive())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert out.stdout.split() == ["False", "True"], out.stderr[-3000:]
