@@ -33,18 +33,19 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
-    """``newest_line`` tests test the project's own logic (signals, faults, crash points, resume
-    guards, retention, the study tool) through the single-process trainer, which every other test
-    runs on both lines: they are in the default suite on the newest tested megatron-core (the GPU
-    image's line) and slow tests on the older one, keeping each CI leg's default suite short."""
+    """``newest_line`` and ``oldest_line`` tests test the project's own logic (signals, faults,
+    crash points, resume guards, retention, the study tool) through the single-process trainer,
+    which every other test runs on both lines: they are in the default suite on one tested
+    megatron-core line, the newest (the GPU image's, Python 3.12) or the oldest (Python 3.11),
+    and slow tests on the other, keeping each CI leg's default suite short."""
     from packaging.version import Version
 
     from megatron_tst import mcore
 
-    if mcore.installed() >= max(Version(v) for v in mcore.TESTED.values()):
-        return
+    installed, tested = mcore.installed(), [Version(v) for v in mcore.TESTED.values()]
     for item in items:
-        if item.get_closest_marker("newest_line"):
+        if (item.get_closest_marker("newest_line") and installed < max(tested)) or \
+                (item.get_closest_marker("oldest_line") and installed > min(tested)):
             item.add_marker(pytest.mark.slow)
 
 

@@ -19,7 +19,7 @@ from tests.conftest import REPO, run_cli
 SMALL = ["--seeds", "1", "2", "--eval-points", "2", "schedule.warmup_steps=1"]
 
 
-@pytest.mark.newest_line
+@pytest.mark.oldest_line
 @pytest.mark.timeout(3600)  # about 2 minutes on 2 quiet cores: 20 child processes
 def test_a_tiny_compute_sweep(tiny_recipe, tmp_path, synthetic_data):
     out = tmp_path / "study"

@@ -59,7 +59,7 @@ def test_a_refused_resume_writes_nothing(tiny_recipe, tmp_path):
     assert snapshot(run) == before
 
 
-@pytest.mark.newest_line
+@pytest.mark.oldest_line
 def test_one_run_per_run_directory_and_stale_locks_do_not_block(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "megatron_tst.cli", "train", str(tiny_recipe),
@@ -109,7 +109,7 @@ def test_damaged_checkpoints_are_refused_and_skipped_by_a_resume(tiny_recipe, tm
     assert [r["step"] for r in read_metrics(run)][-4:] == [3, 4, 5, 6]
 
 
-@pytest.mark.newest_line
+@pytest.mark.oldest_line
 def test_a_damaged_latest_marker_is_treated_as_missing(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     run_cli(["train", str(tiny_recipe), f"run_dir={run}", *SHORT])
