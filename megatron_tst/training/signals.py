@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped early; resubmit (requeue) to continue
 EXIT_HANG = 76  # no step finished within training.hang_timeout_minutes (training/watchdog.py)
 FINISHED, PREEMPTED, STOPPED, FAILED = "finished", "preempted", "stopped", "failed"
+TIME_LIMIT = "time_limit"  # the stop reason when training.time_limit_minutes is reached
 
 # What schedulers and launchers send to stop a job (Slurm signals every process of a job step).
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
@@ -64,10 +65,10 @@ def ignore_stop_signals() -> None:
     that carries write results back, on GPUs too): ignore ``STOP_SIGNALS``. Spawned, it keeps
     neither the trainer's handlers nor its block of the exit signals, so a signal to every
     process of the job would kill it and break the save the trainer finishes before it exits.
-    These processes end as megatron ends them (a message, or SIGKILL after a failure)."""
+    These processes end as megatron ends them (a message, or SIGKILL after a failure). This
+    module imports no torch: unpickling this function is all the results-queue process does."""
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-TIME_LIMIT = "time_limit"  # the stop reason when training.time_limit_minutes is reached
 
 
 class ExitSignalHandler:
