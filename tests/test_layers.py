@@ -14,13 +14,15 @@ PACKAGE = ROOT / "megatron_tst"
 ALLOWED = {
     "megatron_tst.mcore": set(),
     "megatron_tst.config": set(),
+    "megatron_tst.stop_signals": set(),
     "megatron_tst.tst": set(),
-    "megatron_tst.compat": {"megatron_tst.mcore"},
+    "megatron_tst.compat": {"megatron_tst.mcore", "megatron_tst.stop_signals"},
     "megatron_tst.data": {"megatron_tst.config", "megatron_tst.tst"},
     "megatron_tst.plan": {"megatron_tst.config", "megatron_tst.data", "megatron_tst.tst"},
     "megatron_tst.models": {"megatron_tst.config", "megatron_tst.plan", "megatron_tst.tst",
                             "megatron_tst.compat"},
     "megatron_tst.training": {"megatron_tst.mcore", "megatron_tst.config", "megatron_tst.compat",
+                              "megatron_tst.stop_signals",
                               "megatron_tst.tst", "megatron_tst.data", "megatron_tst.plan",
                               "megatron_tst.models"},
 }

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from megatron_tst.training.signals import ignore_stop_signals
+from megatron_tst.stop_signals import ignore_stop_signals
 
 from . import cuda_stubs
 

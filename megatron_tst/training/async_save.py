@@ -258,7 +258,7 @@ def _start_persistent_worker(queue) -> None:
     import torch.multiprocessing as mp
     from megatron.core.dist_checkpointing.strategies import async_utils
 
-    from megatron_tst.training.signals import stop_signals_ignored_by_new_processes
+    from megatron_tst.stop_signals import stop_signals_ignored_by_new_processes
 
     caller, rank = queue._get_async_caller(), dist.get_rank()
     with stop_signals_ignored_by_new_processes():
@@ -275,7 +275,7 @@ def _start_persistent_worker(queue) -> None:
 def start_results_queue() -> None:
     """Start the process that carries megatron's write results back (synchronous and
     background saves) with the run, deaf to the stop signals from its start
-    (``training.signals.stop_signals_ignored_by_new_processes``).
+    (``stop_signals.stop_signals_ignored_by_new_processes``).
     megatron spawns it (a ``multiprocessing`` manager) at the first save otherwise: a second of
     that save's stall, and a SIGTERM sent to every process of the job (Slurm) would kill it and
     break the save the signal asks for. megatron keeps it in
@@ -285,8 +285,8 @@ def start_results_queue() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_tst.training.signals import (ignore_stop_signals,
-                                               stop_signals_ignored_by_new_processes)
+    from megatron_tst.stop_signals import (ignore_stop_signals,
+                                          stop_signals_ignored_by_new_processes)
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))

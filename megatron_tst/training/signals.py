@@ -30,46 +30,6 @@ EXIT_HANG = 76  # no step finished within training.hang_timeout_minutes (trainin
 FINISHED, PREEMPTED, STOPPED, FAILED = "finished", "preempted", "stopped", "failed"
 TIME_LIMIT = "time_limit"  # the stop reason when training.time_limit_minutes is reached
 
-# What schedulers and launchers send to stop a job (Slurm signals every process of a job step).
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
-
-
-@contextlib.contextmanager
-def stop_signals_ignored_by_new_processes():
-    """Processes started inside ignore ``STOP_SIGNALS`` from their first instruction: an
-    ignored disposition survives ``fork`` and ``exec`` (a handler does not), and
-    ``ignore_stop_signals`` in the child comes only after its imports (seconds), during which a
-    signal to every process of the job would kill it. This process's own handlers are set back
-    after (milliseconds: the start of the process). The signals are blocked in this thread
-    meanwhile, so one sent then waits for the handlers if it is this thread's, but one that
-    another thread takes (the process has others: gloo's) is ignored: the trainer starts these
-    processes in its set-up, before any step, where a signal lost costs what one during its
-    imports does (no checkpoint; the run resumes from the one it started from). Only the main
-    thread can change handlers: elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signums = {getattr(signal, name) for name in STOP_SIGNALS}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def ignore_stop_signals() -> None:
-    """In a process megatron's checkpoint writer spawns (the persistent writer; the process
-    that carries write results back, on GPUs too): ignore ``STOP_SIGNALS``. Spawned, it keeps
-    neither the trainer's handlers nor its block of the exit signals, so a signal to every
-    process of the job would kill it and break the save the trainer finishes before it exits.
-    These processes end as megatron ends them (a message, or SIGKILL after a failure). This
-    module imports no torch: unpickling this function is all the results-queue process does."""
-    for name in STOP_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
 
 class ExitSignalHandler:
     """Records the exit signals from construction (before the slow set-up, so a signal then is
@@ -109,7 +69,7 @@ class ExitSignalHandler:
         it is written. Its writer processes survive a signal sent to every process of the job
         (torchrun, Slurm): a forked writer runs this process's handler, which only records the
         signal; megatron's spawned helpers ignore the stop signals
-        (``ignore_stop_signals``).
+        (``megatron_tst.stop_signals``).
         """
         if not self.numbers or threading.current_thread() is not threading.main_thread():
             yield

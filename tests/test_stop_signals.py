@@ -1,5 +1,5 @@
 """megatron's checkpoint helper processes ignore the stop signals from their first instruction
-(``training.signals.stop_signals_ignored_by_new_processes``): a SIGTERM to every process of the
+(``stop_signals.stop_signals_ignored_by_new_processes``): a SIGTERM to every process of the
 job while one is still importing would otherwise kill it, and the save waiting on it would hang."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from megatron_tst.training.signals import STOP_SIGNALS, stop_signals_ignored_by_new_processes
+from megatron_tst.stop_signals import STOP_SIGNALS, stop_signals_ignored_by_new_processes
 from tests.conftest import REPO
 
 
