@@ -227,5 +227,3 @@ def cpu_async_loop(*args, **kwargs):
     os.nice(WRITER_NICENESS)  # its forked writers inherit it
     ignore_stop_signals()  # and this, so a signal to the whole job leaves the pending save
     return loop(*args, **kwargs)
-
-
