@@ -10,9 +10,9 @@ step: megatron's metadata, then the completion record, ``latest`` and retention 
 a synchronous save (``checkpoint.py``). So ``latest`` only ever names a checkpoint whose every
 file is written and checksummed, and a process killed at any point leaves it on the previous one.
 
-The writer process also checksums the files it wrote (``__<rank>_*.distcp``) and leaves the
-figures in ``.digests-rank<R>.json`` in the step directory, read and removed at finalization:
-the training processes never read the checkpoint back. A write that failed on any rank (reported
+The writer process also checksums the files it writes (``__<rank>_*.distcp``, as it writes
+them: ``write_digests.py``) and leaves the figures in ``.digests-rank<R>.json`` in the step
+directory, read and removed at finalization: nothing reads the checkpoint back. A write that failed on any rank (reported
 by megatron on every rank, or by a digest file) raises ``SaveError`` on every rank; the partial
 directory is removed and never becomes ``latest``.
 
@@ -51,6 +51,7 @@ import torch.distributed as dist
 from megatron_tst import mcore
 from megatron_tst.training import failpoints
 from megatron_tst.training.saved import digest_files
+from megatron_tst.training.write_digests import written_digests
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +83,20 @@ def request(state: dict, path: Path, staging=None, defer: bool = False, hold_s: 
 
 
 def _write_and_digest(write: Callable, path: str, rank: int, step: int, *args, **kwargs) -> None:
-    """The writer process: megatron's write, then the CRC32s of this rank's files, left in
-    ``.digests-rank<R>.json`` (or the error that stopped it)."""
+    """The writer process: megatron's write, checksumming this rank's files as it writes them
+    (``write_digests``), then their CRC32s left in ``.digests-rank<R>.json`` (or the error that
+    stopped it)."""
     if failpoints.active("save:signal", step):  # the save is still pending at the signal
         time.sleep(2)
-    write(*args, **kwargs)
+    with written_digests(Path(path)) as known:  # checksummed as they are written
+        write(*args, **kwargs)
     out = Path(path) / digest_file_name(rank)
     try:
         failpoints.fill_disk_if(step, Path(path), rank)  # a write that fills the disk
         names = sorted(p.name for p in Path(path).glob(f"__{rank}_*.distcp"))
-        report = {"files": digest_files(Path(path), names=names)}
+        rest = [name for name in names if name not in known]  # read back: not digested above
+        report = {"files": {**{n: known[n] for n in names if n in known},
+                            **digest_files(Path(path), names=rest)}}
     except Exception as err:  # reported at finalization, on every rank
         report = {"error": f"{type(err).__name__}: {err}",
                   "enospc": isinstance(err, OSError) and err.errno == errno.ENOSPC}

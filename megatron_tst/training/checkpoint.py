@@ -46,6 +46,7 @@ from megatron_tst.training.saved import (FORMAT_VERSION, LATEST, RECORD, STEP_DI
                                          latest_checkpoint, load_errors, model_keys,
                                          open_checkpoint, record_files, step_dir_name,
                                          step_dirs, verify_files)
+from megatron_tst.training.write_digests import written_digests
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,8 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
         return path
     try:
         failpoints.fill_disk_if(step, path, rank)  # a write that fills the disk
-        dist_checkpointing.save(state, str(path))
+        with written_digests(path) as written:
+            dist_checkpointing.save(state, str(path))
     except Exception as err:
         if not _out_of_space(err, root):
             raise
@@ -218,7 +220,7 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer: TrainingOptimizer,
         raise SaveError(_disk_full_message(cfg, path, root), reason="disk_full") from err
     kill_if("save:after_write", step)
     dist.barrier()
-    _complete(cfg, path, record, _gather_digests(path), protect)  # every rank checksums a share
+    _complete(cfg, path, record, _gather_digests(path, written), protect)
     return path
 
 
@@ -237,11 +239,12 @@ def save_model_checkpoint(cfg: RunConfig, models, train_state: TrainState, root:
     state = {key: m.sharded_state_dict(metadata=SHARDING_METADATA)
              for key, m in zip(model_keys(len(models)), models)}
     state.update(train_state=asdict(train_state), run_config=cfg.to_dict())
-    dist_checkpointing.save(state, str(path))
+    with written_digests(path) as written:
+        dist_checkpointing.save(state, str(path))
     dist.barrier()
     _complete(cfg, path, {"format_version": FORMAT_VERSION, "step": train_state.step,
                           "phase": train_state.phase, "consumed_tokens": 0, **record},
-              _gather_digests(path), None)
+              _gather_digests(path, written), None)
     return path
 
 
@@ -338,13 +341,19 @@ def _disk_full_message(cfg: RunConfig, path: Path, root: Path) -> str:
             f"file system, then resubmit to resume")
 
 
-def _gather_digests(path: Path) -> dict:
-    """Sizes and CRC32s of every file of step directory ``path``, checksummed in parallel: each
-    rank reads its share (``saved.digest_files``)."""
-    mine = digest_files(path, (dist.get_rank(), dist.get_world_size()))
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, mine)
-    return {name: digest for share in shares for name, digest in sorted(share.items())}
+def _gather_digests(path: Path, written: dict) -> dict:
+    """Sizes and CRC32s of every file of step directory ``path``: those each rank took while
+    writing (``written``, ``write_digests.py``), and the rest checksummed in parallel, each rank
+    reading its share (``saved.digest_files``)."""
+    world = dist.get_world_size()
+    shares = [None] * world
+    dist.all_gather_object(shares, written)
+    known = {name: digest for share in shares for name, digest in share.items()}
+    rest = [name for name in checkpoint_files(path) if name not in known]
+    shares = [None] * world
+    dist.all_gather_object(shares, digest_files(path, (dist.get_rank(), world), names=rest))
+    return dict(sorted({name: digest for share in [known, *shares]
+                        for name, digest in share.items()}.items()))
 
 
 def verified_on_all_ranks(saved: SavedCheckpoint) -> Optional[DamagedCheckpointError]:

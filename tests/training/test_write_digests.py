@@ -1,0 +1,122 @@
+"""CRC32s taken while megatron writes a checkpoint equal the files' CRC32s read back (zlib over the
+bytes on disk, ``saved.digest_files``), and only what is certain is used."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import zlib
+
+import pytest
+import torch
+
+from megatron_tst.training import checkpoint as ckpt
+from megatron_tst.training import saved
+from megatron_tst.training.saved import digest_files
+from megatron_tst.training.write_digests import CHUNK_BYTES, written_digests
+
+
+def crc_of(path) -> str:
+    return f"{zlib.crc32(path.read_bytes()):08x}"
+
+
+def writer_module():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    return filesystem_async
+
+
+def sharded_state() -> dict:
+    """Tensors of several sizes, one spanning several of the digest's chunks."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(3 * CHUNK_BYTES // 4 + 123, generator=g),
+               "matrix": torch.randn(64, 48, generator=g),
+               "ints": torch.arange(1000, dtype=torch.int64)}
+    return {k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in tensors.items()}
+
+
+def test_a_megatron_save_is_digested_as_written(tmp_path, megatron_env, monkeypatch, caplog):
+    from megatron.core import dist_checkpointing
+
+    step, scratch = tmp_path / "step", tmp_path / "tmp"
+    step.mkdir(), scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the writers leave digests
+    with written_digests(step) as written:
+        dist_checkpointing.save(sharded_state(), str(step))
+    assert "open" not in vars(writer_module())  # the patch is gone, and the digests' directory
+    assert not list(scratch.iterdir())
+    assert "Overwriting" not in caplog.text  # megatron found the step directory empty
+    data = sorted(p.name for p in step.glob("*.distcp"))
+    assert data and sorted(written) == data
+    assert written == digest_files(step, names=data)  # the files read back
+    assert all(written[n]["crc32"] == crc_of(step / n) for n in data)
+    loaded = dist_checkpointing.load(sharded_state(), str(step))  # still a checkpoint
+    assert torch.equal(loaded["big"], sharded_state()["big"].data)
+
+
+def test_a_synchronous_save_reads_back_only_what_was_not_digested(tmp_path, megatron_env,
+                                                                   monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    with written_digests(tmp_path) as written:
+        dist_checkpointing.save(sharded_state(), str(tmp_path))
+    read = []
+    crc32 = saved._crc32
+    monkeypatch.setattr(saved, "_crc32", lambda path: read.append(path.name) or crc32(path))
+    files = ckpt._gather_digests(tmp_path, written)
+    assert read and not any(name.endswith(".distcp") for name in read)
+    assert files == digest_files(tmp_path)  # every file, as a full read-back gives them
+
+
+def digest_one(tmp_path, body, name="__0_0.distcp") -> dict:
+    """``body(f)`` writes through the patched ``open``, as megatron's writer does."""
+    with written_digests(tmp_path) as written:
+        with writer_module().open(tmp_path / name, "wb") as f:
+            body(f)
+    return written
+
+
+def test_torch_save_through_the_digesting_file(tmp_path):
+    tensor = torch.randn(CHUNK_BYTES // 2 + 7)  # over one chunk with torch's framing
+
+    def body(f):
+        f.write(b"header")
+        f.tell()  # a position query (torch's writer asks) keeps the digest
+        torch.save(tensor, f)
+        f.write(memoryview(torch.arange(10, dtype=torch.int32).numpy()))  # not a byte format
+    written = digest_one(tmp_path, body)
+    path = tmp_path / "__0_0.distcp"
+    assert written == {path.name: {"size": path.stat().st_size, "crc32": crc_of(path)}}
+
+
+@pytest.mark.parametrize("case", ["seek", "truncate", "changed_after", "outside", "not_data"])
+def test_what_is_not_certain_is_left_out(tmp_path, case):
+    name = "model.pt" if case == "not_data" else "__0_0.distcp"
+
+    def body(f):
+        f.write(b"x" * 100)
+        if case == "seek":
+            f.seek(10)
+            f.write(b"y")
+        elif case == "truncate":
+            f.truncate(50)
+    target = tmp_path / ("elsewhere" if case == "outside" else ".")
+    target.mkdir(exist_ok=True)
+    with written_digests(tmp_path / "." if case != "outside" else tmp_path) as written:
+        with writer_module().open(target / name, "wb") as f:
+            body(f)
+        if case == "changed_after":
+            with open(target / name, "ab") as f:
+                f.write(b"z")
+    assert written == {}
+
+
+def test_other_opens_pass_through_and_the_patch_goes_on_error(tmp_path):
+    (tmp_path / "a.distcp").write_bytes(b"abc")
+    with pytest.raises(RuntimeError, match="boom"):
+        with written_digests(tmp_path):
+            with writer_module().open(tmp_path / "a.distcp", "rb") as f:  # a read: builtin open
+                assert isinstance(f, io.BufferedReader) and f.read() == b"abc"
+            raise RuntimeError("boom")
+    assert "open" not in vars(writer_module())
