@@ -175,6 +175,12 @@ def main() -> int:
           f"{paired['sync']:.3f} s, async {paired['async']:.3f} s, none {paired['none']:.3f} s; "
           f"background / synchronous: {paired['async'] / paired['sync']:.3f}"
           + (f" (saves still writing later: {late})" if late else ""))
+    if late:  # the writes outlast the measured steps: the setting, not the save, is at fault
+        longest = max(at - s for s, at in late)
+        print(f"note: {len(late)} background saves were still writing after half their interval "
+              f"(the longest took {longest} steps): the paired figure undercounts the steps they "
+              f"slow, and a save due before the previous one completes waits for it. This "
+              f"machine writes slower than the interval assumes: raise --save-every (and --steps)")
     print(f"outside the steps alone (saving, completing, no slowed steps): "
           f"{stall['async'] / stall['sync'] if stall['sync'] > 0 else float('nan'):.3f}")
     print("the first save, once per run (outside the steps at it and the step after): " + ", ".join(

@@ -199,3 +199,22 @@ def _keys(tree, prefix="") -> list[str]:
     if isinstance(tree, dict):
         return [k for key, v in tree.items() for k in _keys(v, f"{prefix}.{key}")]
     return [prefix]
+
+
+@pytest.mark.slow
+def test_stall_benchmark_runs(tmp_path):
+    """``benchmarks/checkpoint_stall.py`` end to end on a tiny model (its figures are noise)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoint_stall.py"
+    res = subprocess.run([sys.executable, str(script), "--hidden", "128", "--layers", "1",
+                          "--steps", "8", "--save-every", "2", "--repeats", "1",
+                          "--json", str(tmp_path / "stall.json")],
+                         capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "background / synchronous time lost per save" in res.stdout
+    figures = json.loads((tmp_path / "stall.json").read_text())
+    assert {r["mode"] for rs in figures["runs"].values() for r in rs} == {"none", "sync", "async"}
+    assert all(r["checkpoint_bytes"] > 0 for r in figures["runs"]["async"])
