@@ -95,7 +95,8 @@ def measure(a, work: Path, mode: str, common: list[str], repeat: int) -> dict:
     return {"mode": mode,
             "paired_lost_s": paired,
             # a background save still writing after the first half of its interval
-            "late": [(s, at) for s, at in done if first < s < last and at > s + half], "loop_s": by_step[last]["elapsed_s"] - by_step[first]["elapsed_s"],
+            "late": [(s, at) for s, at in done if first < s < last and at > s + half],
+            "loop_s": by_step[last]["elapsed_s"] - by_step[first]["elapsed_s"],
             # the loop's time outside the training steps (saves, their completion, logging)
             "outside_s": sum(outside[r["step"]] for r in window),
             # the first save (after step save_every) and its completion, one step later

@@ -12,9 +12,9 @@ file is written and checksummed, and a process killed at any point leaves it on 
 
 The writer process also checksums the files it writes (``__<rank>_*.distcp``, as it writes
 them: ``write_digests.py``) and leaves the figures in ``.digests-rank<R>.json`` in the step
-directory, read and removed at finalization: nothing reads the checkpoint back. A write that failed on any rank (reported
-by megatron on every rank, or by a digest file) raises ``SaveError`` on every rank; the partial
-directory is removed and never becomes ``latest``.
+directory, read and removed at finalization: nothing reads the checkpoint back. A write that
+failed on any rank (reported by megatron on every rank, or by a digest file) raises ``SaveError``
+on every rank; the partial directory is removed and never becomes ``latest``.
 
 The writer must see the state as it was when the save was scheduled. On a GPU megatron copies
 the tensors to host memory and forks a writer (``TemporalAsyncCaller``). On the CPU that copy

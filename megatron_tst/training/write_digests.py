@@ -13,15 +13,15 @@ chunk is in the CPU's cache.
 
 Only what is certain is used: a file whose writer moved its position (``seek``), that was not
 closed, or whose size on disk differs from the bytes that went through the file, is left out, and
-a file written where the patch does not reach (a process that megatron 0.16.1 forks per extra
-write bucket; another storage client) is not in the result. The callers checksum everything left
-out by reading it (``saved.digest_files``), as before. The patch is a module global of megatron's
-writer module (the ``open`` its write functions look up), set for the duration of one write in
-the process that writes (the trainer for a synchronous save, the writer process for a background
-one; megatron 0.16.1 writes in processes forked from it, which inherit it) and removed after.
-Each file's figures are left in a temporary directory of this node (``megatron-tst-write-digests-*``
-under ``TMPDIR``, removed when the write returns; not in the step directory, which megatron expects
-empty at a save).
+a file written where the patch does not reach (another storage client, a writer megatron opens
+some other way) is not in the result. The callers checksum everything left out by reading it
+(``saved.digest_files``), as before. The patch is a module global of megatron's writer module
+(the ``open`` its write functions look up), set for the duration of one write in the process
+that writes (the trainer for a synchronous save, the writer process for a background one;
+megatron 0.16.1 writes in processes forked from it, which inherit it) and removed after. Each
+file's figures are left in a temporary directory of this node (``megatron-tst-write-digests-*``
+under ``TMPDIR``, removed when the write returns; not in the step directory, which megatron
+expects empty at a save).
 """
 
 from __future__ import annotations
