@@ -34,10 +34,11 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
     """``newest_line`` and ``oldest_line`` tests test the project's own logic (signals, faults,
-    crash points, resume guards, retention, the study tool) through the single-process trainer,
-    which every other test runs on both lines: they are in the default suite on one tested
-    megatron-core line, the newest (the GPU image's, Python 3.12) or the oldest (Python 3.11),
-    and slow tests on the other, keeping each CI leg's default suite short."""
+    crash points, resume guards, retention, the study tool, downstream evaluation) through the
+    single-process trainer, which every other test runs on both lines: they are in the default
+    suite on one tested megatron-core line, the newest (the GPU image's, Python 3.12) or the
+    oldest (Python 3.11), and slow tests on the other, keeping each CI leg's default suite
+    short."""
     from packaging.version import Version
 
     from megatron_tst import mcore

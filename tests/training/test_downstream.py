@@ -59,6 +59,7 @@ def reference_accuracy(hf_dir, docs) -> float:
     return right / len(docs)
 
 
+@pytest.mark.oldest_line
 def test_scores_are_logged_at_the_evaluated_steps(tiny_recipe, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
