@@ -4,6 +4,7 @@ bytes on disk, ``saved.digest_files``), and only what is certain is used."""
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 import zlib
 
@@ -120,3 +121,25 @@ def test_other_opens_pass_through_and_the_patch_goes_on_error(tmp_path):
                 assert isinstance(f, io.BufferedReader) and f.read() == b"abc"
             raise RuntimeError("boom")
     assert "open" not in vars(writer_module())
+
+
+def test_an_unwritable_temporary_directory_never_fails_a_save(tmp_path, megatron_env, monkeypatch):
+    """The checksums then come from reading the files back."""
+    from megatron.core import dist_checkpointing
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with written_digests(tmp_path) as written:
+        dist_checkpointing.save(sharded_state(), str(tmp_path))
+    assert written == {} and "open" not in vars(writer_module())
+    assert ckpt._gather_digests(tmp_path, written) == digest_files(tmp_path)
+
+
+def test_a_full_temporary_directory_never_fails_a_write(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def body(f):
+        f.write(b"x" * 100)
+        monkeypatch.setattr(os, "replace", refuse)  # the digest cannot be left
+    assert digest_one(tmp_path, body) == {}
+    assert (tmp_path / "__0_0.distcp").read_bytes() == b"x" * 100
