@@ -202,8 +202,11 @@ def _keys(tree, prefix="") -> list[str]:
 
 
 @pytest.mark.slow
-def test_stall_benchmark_runs(tmp_path):
-    """``benchmarks/checkpoint_stall.py`` end to end on a tiny model (its figures are noise)."""
+@pytest.mark.parametrize("direct_io", ["1", "0"])
+def test_stall_benchmark_runs(tmp_path, direct_io):
+    """``benchmarks/checkpoint_stall.py`` end to end on a tiny model (its figures are noise),
+    as documented: data files written with O_DIRECT, and (``MEGATRON_TST_DIRECT_IO=0``) not."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -212,7 +215,8 @@ def test_stall_benchmark_runs(tmp_path):
     res = subprocess.run([sys.executable, str(script), "--hidden", "128", "--layers", "1",
                           "--steps", "8", "--save-every", "2", "--repeats", "1",
                           "--json", str(tmp_path / "stall.json")],
-                         capture_output=True, text=True, timeout=3600)
+                         capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "MEGATRON_TST_DIRECT_IO": direct_io})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "background / synchronous time lost per save" in res.stdout
     figures = json.loads((tmp_path / "stall.json").read_text())

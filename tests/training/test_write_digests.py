@@ -3,6 +3,8 @@ bytes on disk, ``saved.digest_files``), and only what is certain is used."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import os
 import tempfile
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from megatron_tst.training import checkpoint as ckpt
-from megatron_tst.training import saved
+from megatron_tst.training import saved, write_digests
 from megatron_tst.training.saved import digest_files
 from megatron_tst.training.write_digests import CHUNK_BYTES, written_digests
 
@@ -111,6 +113,9 @@ def test_what_is_not_certain_is_left_out(tmp_path, case):
             with open(target / name, "ab") as f:
                 f.write(b"z")
     assert written == {}
+    expected = {"seek": b"x" * 10 + b"y" + b"x" * 89, "truncate": b"x" * 50,
+                "changed_after": b"x" * 100 + b"z"}.get(case, b"x" * 100)
+    assert (target / name).read_bytes() == expected  # written as asked all the same
 
 
 def test_other_opens_pass_through_and_the_patch_goes_on_error(tmp_path):
@@ -143,3 +148,80 @@ def test_a_full_temporary_directory_never_fails_a_write(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "replace", refuse)  # the digest cannot be left
     assert digest_one(tmp_path, body) == {}
     assert (tmp_path / "__0_0.distcp").read_bytes() == b"x" * 100
+
+
+def direct_opens(monkeypatch) -> list:
+    """The flags of every ``os.open`` of the digesting file, recorded."""
+    flags, real = [], os.open
+    monkeypatch.setattr(os, "open", lambda path, f, *a: flags.append(f) or real(path, f, *a))
+    return flags
+
+
+def tensor_body(tensor):
+    return lambda f: (f.write(b"head"), torch.save(tensor, f))
+
+
+@pytest.mark.skipif(not write_digests.DIRECT, reason="O_DIRECT is Linux's")
+def test_data_files_are_written_around_the_page_cache(tmp_path, monkeypatch):
+    """O_DIRECT asked for (taken where the file system takes it), and the bytes and digest are
+    those of a plain write, an unaligned tail included."""
+    flags = direct_opens(monkeypatch)
+    tensor = torch.randn(CHUNK_BYTES // 4 + 1001)
+    written = digest_one(tmp_path, tensor_body(tensor))
+    path = tmp_path / "__0_0.distcp"
+    assert flags and all(f & write_digests.DIRECT for f in flags)
+    assert path.stat().st_size % write_digests.ALIGN  # a tail written after the aligned part
+    assert written == {path.name: {"size": path.stat().st_size, "crc32": crc_of(path)}}
+    with open(path, "rb") as f:
+        assert f.read(4) == b"head" and torch.equal(torch.load(f), tensor)
+
+
+@pytest.mark.skipif(not write_digests.DIRECT, reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkeypatch,
+                                                                      refused):
+    """Some file systems refuse O_DIRECT at the open (tmpfs before Linux 6.6), some at the first
+    write: the file is then written through the page cache."""
+    real_open, real_write, refusals = os.open, os.write, []
+
+    def open_(path, flags, *a):
+        if refused == "open" and flags & write_digests.DIRECT:
+            refusals.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    def write(fd, data):
+        if refused == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & write_digests.DIRECT:
+            refusals.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "write", write)
+    tensor = torch.randn(3 * CHUNK_BYTES // 8)
+    with written_digests(tmp_path) as written:
+        with writer_module().open(tmp_path / "__0_0.distcp", "wb") as f:
+            tensor_body(tensor)(f)
+            assert not f.direct
+    path = tmp_path / "__0_0.distcp"
+    assert refusals
+    assert written == {path.name: {"size": path.stat().st_size, "crc32": crc_of(path)}}
+    with open(path, "rb") as f:
+        assert f.read(4) == b"head" and torch.equal(torch.load(f), tensor)
+
+
+def test_direct_writes_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv(write_digests.ENV, "0")
+    flags = direct_opens(monkeypatch)
+    written = digest_one(tmp_path, tensor_body(torch.randn(1000)))
+    assert flags and not any(f & write_digests.DIRECT for f in flags) and written
+
+
+def test_a_failed_write_fails_the_save(tmp_path, monkeypatch):
+    """A write error other than a refused O_DIRECT (here a full disk) reaches megatron's writer
+    (which reports the save failed), and leaves no digest."""
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        digest_one(tmp_path, tensor_body(torch.randn(CHUNK_BYTES // 2)))
+    assert "open" not in vars(writer_module())
