@@ -90,7 +90,8 @@ class _DigestingFile(io.FileIO):
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         if self.through:  # after a seek or a truncate: written as it comes
-            return super().write(view)
+            self._write_all(view)
+            return len(view)
         done = 0
         while done < len(view):
             take = min(len(view) - done, CHUNK_BYTES - self.filled)
@@ -134,6 +135,7 @@ class _DigestingFile(io.FileIO):
         """From a seek or a truncate on: the buffer written out, and no digest."""
         if not self.through:
             self._drain(last=True)
+            self._without_direct()  # writes of any size at any offset from now on
             self.through, self.appended_only = True, False
 
     def tell(self) -> int:
