@@ -1,6 +1,6 @@
 """Time the training loop loses per checkpoint save: synchronous vs background saves.
 
-    python benchmarks/checkpoint_stall.py                   # CPU: 1.83 GiB checkpoints, ~16 min
+    python benchmarks/checkpoint_stall.py                   # CPU: 1.83 GiB checkpoints, ~18 min
     python benchmarks/checkpoint_stall.py --hidden 1024 --steps 16 --save-every 4   # smaller
     python benchmarks/checkpoint_stall.py --hidden 2048 --layers 8 --seq-length 2048 --steps 12 \
         training.micro_batch_size=8 training.global_batch_size=8         # one GPU, ~5 GB
