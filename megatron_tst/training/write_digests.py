@@ -71,9 +71,10 @@ class _DigestingFile(io.FileIO):
 
     def __init__(self, name: str, sink: Optional[Path]):
         self.buffer = mmap.mmap(-1, CHUNK_BYTES)  # page-aligned, as O_DIRECT needs
-        self.view, self.filled, self.direct, self.through = memoryview(self.buffer), 0, False, False
+        self.view, self.filled, self.direct = memoryview(self.buffer), 0, False
+        self.through = False  # after a seek or a truncate: bytes out of order, no digest
         self.path, self.sink = os.path.abspath(name), sink
-        self.crc, self.size, self.appended_only = 0, 0, True
+        self.crc, self.size = 0, 0
         super().__init__(name, "wb", opener=self._open)
 
     def _open(self, path: str, flags: int) -> int:
@@ -136,7 +137,7 @@ class _DigestingFile(io.FileIO):
         if not self.through:
             self._drain(last=True)
             self._without_direct()  # writes of any size at any offset from now on
-            self.through, self.appended_only = True, False
+            self.through = True
 
     def tell(self) -> int:
         return super().tell() if self.through else self.size
@@ -158,7 +159,7 @@ class _DigestingFile(io.FileIO):
             if self.filled:
                 self._drain(last=True)
                 os.fsync(self.fileno())  # megatron synced the file before this last write
-            if self.appended_only and self.sink is not None:
+            if not self.through and self.sink is not None:
                 self._leave_digest()
         finally:
             self.view.release()
@@ -207,8 +208,9 @@ def written_digests(step_dir: Path) -> Iterator[dict]:
             del filesystem_async.open
         else:
             filesystem_async.open = previous
-        found = _read_sink(sink) if sink else {}
+        found = {}
         if sink:
+            found = _read_sink(sink)
             shutil.rmtree(sink, ignore_errors=True)
     for name, (size, crc) in found.items():
         path = Path(name)
